@@ -1,0 +1,259 @@
+"""Chat-template rendering that matches ``transformers`` byte for byte, without importing it.
+
+This mirrors transformers 5.24.0 ``PreTrainedTokenizerBase.apply_chat_template(..., tokenize=False)``:
+
+* the Jinja environment of ``transformers.utils.chat_template_utils._cached_compile_jinja_template``: an
+  ``ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)`` with the ``loopcontrols`` extension
+  and a ``{% generation %}`` tag (rendered as its body; transformers uses it only for assistant masks);
+  the ``tojson`` filter replaced by ``json.dumps(x, ensure_ascii=False, indent=None, separators=None,
+  sort_keys=False)`` (no HTML escaping, unlike Jinja's own); globals ``raise_exception``, ``strftime_now``,
+  ``dict`` and a ``namespace`` that rejects underscore-prefixed attributes;
+* the input preparation of ``apply_chat_template`` and ``render_jinja_template``: message objects
+  (dataclasses, pydantic models) become dicts, keys whose value is ``None`` are dropped from each message,
+  everything the template sees is rebuilt from plain JSON types, and a message's reasoning given as
+  ``reasoning_content``, ``thinking`` or ``reasoning`` is copied under both ``reasoning_content`` and
+  ``thinking``;
+* the variables passed: ``messages``, ``tools``, ``documents`` (always ``None`` here),
+  ``add_generation_prompt`` and every extra keyword (``enable_thinking``, ``preserve_thinking``,
+  ``bos_token``, ``eos_token``, ...).
+  transformers also passes the tokenizer's named special tokens (``special_tokens_map``); pass them here as
+  keywords (``qwen_jax.tokenizer.QwenTokenizer.special_tokens_map``) when a template reads them.
+
+Differences from transformers: ``add_generation_prompt`` defaults to ``True`` here (``False`` there), a
+template's ``raise_exception(msg)`` raises :class:`ChatTemplateError` (a ``ValueError``) instead of
+``jinja2.TemplateError``, tools must be JSON-schema dicts (no callables), and ``continue_final_message``
+is not supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import sys
+from collections.abc import Mapping
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.utils
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+__all__ = ["ChatTemplateError", "apply_chat_template", "load_default_chat_template"]
+
+# Names a message's reasoning may be given under; the first is the one chat templates read.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class ChatTemplateError(ValueError):
+    """A chat template rejected its input, through ``raise_exception(message)`` or an empty conversation.
+
+    ``str(error)`` (and ``error.message``) is exactly the message the template gave.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def load_default_chat_template() -> str:
+    """The Qwen3.6 chat template shipped with this package (``qwen_jax/data/chat_template.jinja``)."""
+    return (
+        importlib.resources.files("qwen_jax").joinpath("data/chat_template.jinja").read_text(encoding="utf-8")
+    )
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}``: renders its body unchanged.
+
+    transformers registers this tag (its ``AssistantTracker``) to find assistant spans for
+    ``return_assistant_tokens_mask``; the rendered text does not depend on it.
+    """
+
+    tags = {"generation"}  # noqa: RUF012 (jinja2's own class attribute)
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
+
+    def _render_body(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise ChatTemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' override of Jinja's ``tojson``: no HTML escaping, and the same json.dumps options.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format):
+    return datetime.now().strftime(format)
+
+
+class _TemplateDict:
+    # Like transformers: ``dict(...)`` and ``dict.fromkeys(...)`` without exposing the dict type itself.
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    # Like transformers: namespaces reject underscore-prefixed attributes.
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                "Chat templates cannot store underscore-prefixed attributes on a namespace, "
+                f"but got {name!r}. Please rename the attribute."
+            )
+
+
+def _jinja2_version_ok() -> bool:
+    parts = []
+    for piece in jinja2.__version__.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts) >= (3, 1, 6)
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
+    if not _jinja2_version_ok():
+        # transformers refuses older versions too: they have known sandbox escapes.
+        raise ImportError(f"Chat templates need jinja2>=3.1.6, found {jinja2.__version__}.")
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    return env.from_string(template)
+
+
+def _objects_to_dicts(value: Any) -> Any:
+    # transformers' ``_message_objects_to_dicts``.
+    if isinstance(value, Mapping):
+        return {key: _objects_to_dicts(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_objects_to_dicts(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_objects_to_dicts(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _objects_to_dicts(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _objects_to_dicts(value.model_dump())
+    return value
+
+
+def _plain(value: Any) -> Any:
+    # transformers' ``_plain_template_data``: rebuild everything from plain JSON types.
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(item) for item in value)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.generic):
+        return _plain(value.item())  # e.g. np.bool_(False), which would otherwise be a truthy placeholder
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def _alias_reasoning(messages: list[dict]) -> list[dict]:
+    # transformers' ``_alias_reasoning_fields`` (the key order matters to templates that iterate a message).
+    out = []
+    for message in messages:
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+def _prepare_messages(messages: Any) -> list[dict]:
+    if isinstance(messages, (list, tuple)) and len(messages) == 0:
+        raise ChatTemplateError(
+            "Cannot apply chat template to an empty conversation. Provide at least one message."
+        )
+    messages = _objects_to_dicts(getattr(messages, "messages", messages))
+    normalized = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise TypeError(
+                f"Chat messages should be dicts, dataclasses or pydantic models, but got {message!r}."
+            )
+        # transformers drops None-valued keys (OpenAI-style ``content=None``, ``tool_calls=None``).
+        normalized.append({key: value for key, value in message.items() if value is not None})
+    return _alias_reasoning(_plain(normalized))
+
+
+def apply_chat_template(
+    template: str,
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
+    **kwargs: Any,
+) -> str:
+    """Render ``messages`` with the Jinja chat ``template`` exactly as transformers 5.24.0 does.
+
+    Equals ``tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=...,
+    tokenize=False, **kwargs)`` for a tokenizer carrying ``template``, provided the tokenizer's named special
+    tokens that the template reads (``bos_token``, ``eos_token``, ...) are passed in ``kwargs``. Extra
+    keywords such as ``enable_thinking=False`` or ``preserve_thinking=True`` become template variables.
+
+    Raises:
+        ChatTemplateError: the template called ``raise_exception(message)`` (the error carries that message),
+            or ``messages`` is empty.
+        TypeError: a message is not a dict (or a dataclass / pydantic model), or a tool is not a dict.
+    """
+    if "continue_final_message" in kwargs:
+        raise NotImplementedError(
+            "continue_final_message is not supported by qwen_jax.chat.apply_chat_template"
+        )
+    if tools is not None:
+        for tool in tools:
+            if not isinstance(tool, dict):
+                raise TypeError(f"Tools must be JSON-schema dicts, got {type(tool).__name__}.")
+    prepared = _prepare_messages(messages)
+    compiled = _compile(template)
+    return compiled.render(
+        messages=prepared,
+        tools=_plain(tools),
+        documents=None,
+        add_generation_prompt=add_generation_prompt,
+        **_plain(kwargs),
+    )

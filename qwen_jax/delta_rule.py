@@ -1,0 +1,109 @@
+"""The gated delta rule in three interchangeable forms with one signature.
+
+``(q, k, v, g, beta, state) -> (out, state)`` with, all in fp32:
+  q, k: [B, L, H, dk] (already l2-normalised, q scaled by dk**-0.5, repeated onto the value heads);
+  v: [B, L, H, dv]; g (log decay, <= 0) and beta: [B, L, H]; state: [B, H, dk, dv] or None (zeros).
+Per (batch, head), with S in R^{dk x dv}:
+  S <- exp(g_t) S;   S <- S + k_t (beta_t (v_t - S^T k_t))^T;   o_t = S^T q_t.
+
+- :func:`recurrent_delta_rule`: the token-by-token oracle (a ``lax.scan`` over time).
+- :func:`chunked_delta_rule`: the WY/UT-transform form used for prefill, chunk 64, as HF's
+  ``torch_chunk_gated_delta_rule`` computes it.
+- :func:`delta_rule_step`: one token, for decoding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qwen_jax.ops import F32
+
+CHUNK_SIZE = 64
+
+
+def _zeros_state(k: jax.Array, v: jax.Array) -> jax.Array:
+    b, _, h, dk = k.shape
+    return jnp.zeros((b, h, dk, v.shape[-1]), F32)
+
+
+def _step(state: jax.Array, q_t, k_t, v_t, g_t, beta_t) -> tuple[jax.Array, jax.Array]:
+    """One token for all (batch, head): inputs [B, H, d] and [B, H]; state [B, H, dk, dv]."""
+    state = state * jnp.exp(g_t)[..., None, None]
+    kv = jnp.sum(state * k_t[..., :, None], axis=-2)
+    delta = (v_t - kv) * beta_t[..., None]
+    state = state + k_t[..., :, None] * delta[..., None, :]
+    out = jnp.sum(state * q_t[..., :, None], axis=-2)
+    return out, state
+
+
+def delta_rule_step(q, k, v, g, beta, state=None):
+    """The one-token decode step: every input has L == 1."""
+    state = _zeros_state(k, v) if state is None else state.astype(F32)
+    out, state = _step(state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0])
+    return out[:, None], state
+
+
+def recurrent_delta_rule(q, k, v, g, beta, state=None):
+    """The token-by-token oracle."""
+    state = _zeros_state(k, v) if state is None else state.astype(F32)
+
+    def body(s, xs):
+        out, s = _step(s, *xs)
+        return s, out
+
+    time_major = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta)]
+    state, out = jax.lax.scan(body, state, time_major)
+    return jnp.moveaxis(out, 0, 1), state
+
+
+def chunked_delta_rule(q, k, v, g, beta, state=None, chunk_size: int = CHUNK_SIZE):
+    """The chunked form (HF's ``torch_chunk_gated_delta_rule``): exact in exact arithmetic.
+
+    The sequence is zero-padded to a multiple of ``chunk_size``; padding has k = v = beta = g = 0, which leaves
+    the state unchanged. Within a chunk with cumulative log decay c:
+      D[r, s] = exp(c_r - c_s) for s <= r, else 0;  T = I + strict_lower((beta K) K^T * D);
+      U = T^-1 (beta V);  W = T^-1 (beta K * exp(c)).
+    Then per chunk in order: V' = U - W S;  O = (Q * exp(c)) S + ((Q K^T) * D) V';
+      S <- exp(c_last) S + (K * exp(c_last - c))^T V'.
+    """
+    b, length, h, _ = k.shape
+    state = _zeros_state(k, v) if state is None else state.astype(F32)
+    pad = (-length) % chunk_size
+    n_chunks = (length + pad) // chunk_size
+
+    def chunks(x):  # [B, L, H, ...] -> [B, H, N, C, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = jnp.moveaxis(x, 2, 1)
+        return x.reshape(b, h, n_chunks, chunk_size, *x.shape[3:])
+
+    q, k, v, g, beta = (chunks(x.astype(F32)) for x in (q, k, v, g, beta))
+    k_beta, v_beta = k * beta[..., None], v * beta[..., None]
+    cum = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
+    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+    decay = jnp.exp(jnp.where(causal, cum[..., :, None] - cum[..., None, :], -jnp.inf))
+
+    ut_system = (k_beta @ jnp.swapaxes(k, -1, -2)) * decay
+    intra = (q @ jnp.swapaxes(k, -1, -2)) * decay
+    solve = jax.lax.linalg.triangular_solve
+    opts = dict(left_side=True, lower=True, unit_diagonal=True)
+    new_values = solve(ut_system, v_beta, **opts)
+    k_cumdecay = solve(ut_system, k_beta * jnp.exp(cum)[..., None], **opts)
+
+    q_decayed = q * jnp.exp(cum)[..., None]
+    k_decayed = k * jnp.exp(cum[..., -1:] - cum)[..., None]
+    chunk_decay = jnp.exp(cum[..., -1])[..., None, None]  # [B, H, N, 1, 1]
+
+    def body(s, xs):
+        u, w, qd, kd, attn, cd = xs
+        v_new = u - w @ s
+        out = qd @ s + attn @ v_new
+        s = s * cd + jnp.swapaxes(kd, -1, -2) @ v_new
+        return s, out
+
+    per_chunk = [
+        jnp.moveaxis(x, 2, 0) for x in (new_values, k_cumdecay, q_decayed, k_decayed, intra, chunk_decay)
+    ]
+    state, out = jax.lax.scan(body, state, per_chunk)  # out: [N, B, H, C, dv]
+    out = jnp.moveaxis(out, 0, 2).reshape(b, h, n_chunks * chunk_size, -1)[:, :, :length]
+    return jnp.moveaxis(out, 1, 2), state

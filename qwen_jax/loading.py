@@ -1,0 +1,191 @@
+"""Loading a Hugging Face safetensors checkpoint into the JAX model, with strict bookkeeping.
+
+Every JAX leaf is set exactly once, every tensor is consumed or deliberately skipped (``mtp.*``, ``model.visual.*``),
+and shapes and dtypes are checked. Problems are collected and raised together as one :class:`CheckpointError`
+whose lines each name the tensor and the file. Pickle-based checkpoints are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+
+from qwen_jax.config import ModelConfig
+from qwen_jax.hf_layout import WHOLE, LeafPath, canonical_name, pieces_complete, targets_for
+from qwen_jax.model import Qwen35MoeForCausalLM, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.bin")
+FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
+MAX_LISTED_ERRORS = 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names each offending tensor and file."""
+
+
+@dataclasses.dataclass
+class LoadReport:
+    files: list[str]
+    loaded: int = 0
+    skipped: Counter = dataclasses.field(default_factory=Counter)  # by prefix ("mtp.", "model.visual.")
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{n} {p}*" for p, n in sorted(self.skipped.items())) or "none"
+        return f"loaded {self.loaded} tensors from {len(self.files)} file(s); skipped {self.skipped_total} ({skipped})"
+
+
+def checkpoint_files(path: Path) -> dict[str, list[str]]:
+    """The safetensors files of a checkpoint dir and, for each, the tensor names it should hold (None: all)."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            files.setdefault(file, []).append(name)
+        missing = sorted(f for f in files if not (path / f).is_file())
+        if missing:
+            raise CheckpointError(f"{index}: shard(s) listed in the index are missing: {', '.join(missing)}")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        return {SINGLE_FILE: None}
+    pickles = sorted({p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern)})
+    if pickles:
+        raise CheckpointError(
+            f"{path}: found pickle-based checkpoint file(s) {pickles}; only safetensors is read "
+            "(pickle files are never unpickled). Convert them to safetensors first."
+        )
+    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+def iter_tensors(path: Path, files: dict[str, list[str] | None]) -> Iterator[tuple[str, str, str, object]]:
+    """Yields (file, name, safetensors dtype, lazy getter) for every tensor, one file open at a time."""
+    for file, expected_names in files.items():
+        try:
+            with safe_open(path / file, framework="flax") as f:
+                names = list(f.keys())
+                if expected_names is not None:
+                    absent = sorted(set(expected_names) - set(names))
+                    if absent:
+                        raise CheckpointError(
+                            f"{path / file}: tensor(s) listed in the index are not in this file: {absent[:5]}"
+                        )
+                for name in names:
+                    dtype = f.get_slice(name).get_dtype()
+                    yield file, name, dtype, (lambda f=f, name=name: np.asarray(f.get_tensor(name)))
+        except SafetensorError as e:
+            raise CheckpointError(
+                f"{path / file}: not a valid safetensors file (truncated or corrupt: {e})"
+            ) from None
+
+
+def _leaf_specs(model_shape: Qwen35MoeForCausalLM) -> dict[LeafPath, jax.ShapeDtypeStruct]:
+    _, state = nnx.split(model_shape)
+    return {path: var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def read_hf_params(
+    path: str | Path, cfg: ModelConfig, dtype: str | jnp.dtype
+) -> tuple[dict[LeafPath, np.ndarray], LoadReport]:
+    """Reads every tensor of an HF checkpoint into numpy leaves of the JAX tree (cast to ``dtype``)."""
+    path = Path(path)
+    dtype = resolve_dtype(dtype)
+    specs = _leaf_specs(nnx.eval_shape(lambda: Qwen35MoeForCausalLM(cfg, dtype)))
+    files = checkpoint_files(path)
+    report = LoadReport(files=list(files))
+    buffers: dict[LeafPath, np.ndarray] = {}
+    pieces: dict[LeafPath, set] = {leaf: set() for leaf in specs}
+    errors: list[str] = []
+
+    for file, name, st_dtype, get in iter_tensors(path, files):
+        where = f"tensor {name!r} in {path / file}"
+        canonical = canonical_name(name)
+        if canonical is None:
+            report.skipped[next(p for p in ("mtp.", "model.visual.") if name.startswith(p))] += 1
+            continue
+        targets = targets_for(cfg, canonical)
+        if targets is None:
+            errors.append(f"unexpected {where}: no such parameter in this model (config.json)")
+            continue
+        if st_dtype not in FLOAT_DTYPES:
+            errors.append(f"{where} has dtype {st_dtype}; expected a float dtype (BF16/F16/F32)")
+            continue
+        tensor = get()
+        if tuple(tensor.shape) != targets[0].hf_shape:
+            errors.append(
+                f"{where} has shape {tuple(tensor.shape)} but config.json implies {targets[0].hf_shape}"
+            )
+            continue
+        for target in targets:
+            have = pieces[target.leaf]
+            if target.piece in have or (have and WHOLE in (target.piece, *have)):
+                errors.append(f"{where} sets {'.'.join(map(str, target.leaf))} a second time")
+                continue
+            pieces[target.leaf].add(target.piece)
+            spec = specs[target.leaf]
+            value = target.transform(tensor).astype(spec.dtype)
+            if target.index:
+                buffer = buffers.setdefault(target.leaf, np.zeros(spec.shape, spec.dtype))
+                buffer[target.index] = value
+            else:
+                buffers[target.leaf] = value
+        report.loaded += 1
+
+    for leaf, got in pieces.items():
+        if not pieces_complete(cfg, leaf, got):
+            state = "is missing" if not got else f"is only partly set ({len(got)} pieces)"
+            errors.append(f"parameter {'.'.join(map(str, leaf))} {state} in checkpoint {path}")
+    if errors:
+        shown = "\n  ".join(errors[:MAX_LISTED_ERRORS])
+        more = (
+            f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
+        )
+        raise CheckpointError(f"cannot load checkpoint {path} ({len(errors)} problem(s)):\n  {shown}{more}")
+    log.info("%s", report.summary())
+    return buffers, report
+
+
+def model_from_leaves(cfg: ModelConfig, dtype: str | jnp.dtype, leaves: dict[LeafPath, object]):
+    """Builds the model from a complete {leaf path: array} mapping without allocating random weights."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen35MoeForCausalLM(cfg, resolve_dtype(dtype))))
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        var.set_value(jnp.asarray(leaves[path]))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load_hf(path: str | Path, dtype: str = "float32", *, return_report: bool = False):
+    """The JAX model for an HF checkpoint directory (``config.json`` + safetensors), in ``dtype``.
+
+    ``dtype`` is "float32" or "bfloat16"; every parameter is cast to it (a bf16 model rounds the F32-stored
+    ``A_log`` and gated-norm weight to bf16, exactly as HF does when loading in bf16).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    cfg = ModelConfig.from_json(path / "config.json")
+    leaves, report = read_hf_params(path, cfg, dtype)
+    model = model_from_leaves(cfg, dtype, leaves)
+    return (model, report) if return_report else model

@@ -1,0 +1,122 @@
+"""The sparse MoE block: fp32 softmax router with renormalised top-k, SwiGLU experts, and a gated shared expert.
+
+Expert weights are stored fused as in the checkpoint, in [expert, in, out] layout: ``gate_up`` [E, hidden, 2I]
+(columns :I gate, I: up) and ``down`` [E, I, hidden].
+
+The experts are computed by ``expert_ffn(x_sorted, group_sizes, gate_up, down)`` on rows sorted by expert, with two
+interchangeable backends: ``dense_expert_ffn`` (a one-hot reference that runs every expert on every row) and
+``ragged_expert_ffn`` (``jax.lax.ragged_dot``). Both return one output per (token, slot); :func:`combine_slots`
+then adds the slots in ascending expert order with a rounding after each add, which is what HF's ``index_add_``
+loop over experts does in bf16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwen_jax.config import ModelConfig
+from qwen_jax.ops import F32, dense, sigmoid, swiglu
+
+
+class Routing(NamedTuple):
+    weights: jax.Array  # [N, k] in the activation dtype, renormalised
+    experts: jax.Array  # [N, k] int32
+    probs: jax.Array  # [N, E] fp32 softmax over all experts
+
+
+def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
+    """Router logits in the activation dtype, softmax in fp32, top-k, renormalise, round to the activation dtype."""
+    probs = jax.nn.softmax(dense(x, router).astype(F32), axis=-1)
+    top_probs, experts = jax.lax.top_k(probs, top_k)
+    weights = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+    return Routing(weights.astype(x.dtype), experts.astype(jnp.int32), probs)
+
+
+def _split_gate_up(h: jax.Array) -> jax.Array:
+    inter = h.shape[-1] // 2
+    return swiglu(h[..., :inter], h[..., inter:])
+
+
+def ragged_expert_ffn(x_sorted, group_sizes, gate_up, down):
+    """Experts on rows sorted by expert id: ``jax.lax.ragged_dot`` with fp32 accumulation."""
+    h = jax.lax.ragged_dot(x_sorted, gate_up, group_sizes, preferred_element_type=F32).astype(x_sorted.dtype)
+    out = jax.lax.ragged_dot(_split_gate_up(h), down, group_sizes, preferred_element_type=F32)
+    return out.astype(x_sorted.dtype)
+
+
+def dense_expert_ffn(x_sorted, group_sizes, gate_up, down):
+    """Reference backend: runs every expert on every row, then keeps each row's own expert (one-hot)."""
+    n_experts = gate_up.shape[0]
+    row_expert = jnp.repeat(jnp.arange(n_experts), group_sizes, total_repeat_length=x_sorted.shape[0])
+    one_hot = jax.nn.one_hot(row_expert, n_experts, dtype=x_sorted.dtype)
+    h = jnp.einsum("rh,ehf->ref", x_sorted, gate_up, preferred_element_type=F32).astype(x_sorted.dtype)
+    out = jnp.einsum("ref,efh->reh", _split_gate_up(h), down, preferred_element_type=F32).astype(
+        x_sorted.dtype
+    )
+    return jnp.einsum("reh,re->rh", out, one_hot)
+
+
+EXPERT_BACKENDS: dict[str, Callable] = {"ragged": ragged_expert_ffn, "dense": dense_expert_ffn}
+
+
+def sort_by_expert(experts: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Array]:
+    """Orders the flattened (token, slot) assignments by expert: returns (order, group_sizes)."""
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    return order, jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+
+
+def slot_outputs(x, experts, gate_up, down, expert_ffn: Callable) -> jax.Array:
+    """Each (token, slot)'s expert output, unweighted: [N, k, hidden]."""
+    n, k = experts.shape
+    order, group_sizes = sort_by_expert(experts, gate_up.shape[0])
+    y_sorted = expert_ffn(x[order // k], group_sizes, gate_up, down)
+    return jnp.zeros((n * k, x.shape[-1]), x.dtype).at[order].set(y_sorted).reshape(n, k, -1)
+
+
+def combine_slots(outputs: jax.Array, routing: Routing) -> jax.Array:
+    """Weights each slot and sums the slots in ascending expert order, rounding after each add (as HF does)."""
+    dtype = outputs.dtype
+    weighted = (outputs * routing.weights[..., None]).astype(dtype)
+    order = jnp.argsort(routing.experts, axis=-1, stable=True)
+    weighted = jnp.take_along_axis(weighted, order[..., None], axis=1)
+    total = weighted[:, 0]
+    for slot in range(1, weighted.shape[1]):
+        total = (total + weighted[:, slot]).astype(dtype)
+    return total
+
+
+class SparseMoe(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        h, e = cfg.hidden_size, cfg.num_experts
+        inter, shared = cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+        self.top_k = cfg.num_experts_per_tok
+        self.router = nnx.Param(init(rngs.params(), (h, e), dtype))
+        self.gate_up = nnx.Param(init(rngs.params(), (e, h, 2 * inter), dtype))
+        self.down = nnx.Param(init(rngs.params(), (e, inter, h), dtype))
+        self.shared_gate_proj = nnx.Param(init(rngs.params(), (h, shared), dtype))
+        self.shared_up_proj = nnx.Param(init(rngs.params(), (h, shared), dtype))
+        self.shared_down_proj = nnx.Param(init(rngs.params(), (shared, h), dtype))
+        self.shared_expert_gate = nnx.Param(init(rngs.params(), (h, 1), dtype))
+
+    def shared_expert(self, x: jax.Array) -> jax.Array:
+        hidden = swiglu(dense(x, self.shared_gate_proj[...]), dense(x, self.shared_up_proj[...]))
+        out = dense(hidden, self.shared_down_proj[...])
+        return (sigmoid(dense(x, self.shared_expert_gate[...])) * out).astype(x.dtype)
+
+    def __call__(self, x: jax.Array, backend: str = "ragged") -> tuple[jax.Array, Routing]:
+        """x: [..., hidden] -> (out [..., hidden], routing of the flattened tokens)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        routing = route(x, self.router[...], self.top_k)
+        outputs = slot_outputs(
+            x, routing.experts, self.gate_up[...], self.down[...], EXPERT_BACKENDS[backend]
+        )
+        out = (combine_slots(outputs, routing) + self.shared_expert(x)).astype(x.dtype)
+        return out.reshape(shape), routing

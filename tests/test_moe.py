@@ -1,0 +1,89 @@
+"""The MoE block: router semantics and the two interchangeable expert backends."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen_jax.moe import (
+    EXPERT_BACKENDS,
+    combine_slots,
+    dense_expert_ffn,
+    ragged_expert_ffn,
+    route,
+    slot_outputs,
+    sort_by_expert,
+)
+
+
+def random_moe(seed=0, n=37, hidden=32, n_experts=16, inter=24, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(keys[0], (n, hidden), dtype)
+    router = jax.random.normal(keys[1], (hidden, n_experts), dtype) * 0.5
+    gate_up = jax.random.normal(keys[2], (n_experts, hidden, 2 * inter), dtype) * 0.2
+    down = jax.random.normal(keys[3], (n_experts, inter, hidden), dtype) * 0.2
+    return x, router, gate_up, down
+
+
+@pytest.mark.parametrize("top_k", [2, 4])
+def test_ragged_backend_equals_dense_backend(top_k):
+    x, router, gate_up, down = random_moe()
+    routing = route(x, router, top_k)
+    outs = {
+        name: combine_slots(slot_outputs(x, routing.experts, gate_up, down, ffn), routing)
+        for name, ffn in EXPERT_BACKENDS.items()
+    }
+    np.testing.assert_allclose(outs["ragged"], outs["dense"], rtol=0, atol=1e-6)
+
+
+def test_backends_agree_with_empty_experts():
+    """Experts that no token picks (group size 0) are handled by both backends."""
+    x, _, gate_up, down = random_moe(n=5)
+    experts = jnp.array([[3, 9], [3, 1], [9, 3], [1, 9], [3, 9]], jnp.int32)
+    order, sizes = sort_by_expert(experts, 16)
+    assert int(sizes.sum()) == 10 and int((sizes == 0).sum()) == 13
+    x_sorted = x[order // 2]
+    np.testing.assert_allclose(
+        ragged_expert_ffn(x_sorted, sizes, gate_up, down),
+        dense_expert_ffn(x_sorted, sizes, gate_up, down),
+        rtol=0,
+        atol=1e-6,
+    )
+
+
+def test_router_is_renormalised_top_k_of_fp32_softmax():
+    x, router, _, _ = random_moe(seed=2)
+    routing = route(x, router, 4)
+    probs = np.asarray(jax.nn.softmax(np.asarray(x) @ np.asarray(router), axis=-1))
+    top = np.argsort(-probs, axis=-1)[:, :4]
+    np.testing.assert_array_equal(np.sort(routing.experts, -1), np.sort(top, -1))
+    np.testing.assert_allclose(routing.weights.sum(-1), 1.0, rtol=1e-6)
+    picked = np.take_along_axis(probs, np.asarray(routing.experts), -1)
+    np.testing.assert_allclose(routing.weights, picked / picked.sum(-1, keepdims=True), rtol=1e-5)
+
+
+def test_slot_outputs_are_each_tokens_own_expert():
+    x, router, gate_up, down = random_moe(seed=4, n=6)
+    routing = route(x, router, 2)
+    outs = slot_outputs(x, routing.experts, gate_up, down, ragged_expert_ffn)
+    for token in range(6):
+        for slot in range(2):
+            e = int(routing.experts[token, slot])
+            h = np.asarray(x[token]) @ np.asarray(gate_up[e])
+            gate, up = h[:24], h[24:]
+            expected = (gate / (1 + np.exp(-gate)) * up) @ np.asarray(down[e])
+            np.testing.assert_allclose(outs[token, slot], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_combine_adds_slots_in_expert_order_with_rounding():
+    """In bf16 the slot sum is rounded after each add, in ascending expert order (HF's index_add_ loop)."""
+    outputs = jnp.array([[[1.0], [2.0**-8], [2.0**-8]]], jnp.bfloat16)  # 1 + 2^-8 rounds back to 1 in bf16
+    weights = jnp.ones((1, 3), jnp.bfloat16)
+    from qwen_jax.moe import Routing
+
+    in_order = combine_slots(outputs, Routing(weights, jnp.array([[0, 1, 2]]), None))
+    small_first = combine_slots(outputs, Routing(weights, jnp.array([[2, 0, 1]]), None))
+    assert float(in_order[0, 0]) == 1.0  # (1 + 2^-8) + 2^-8, each add rounded: 1
+    assert float(small_first[0, 0]) == 1.0078125  # experts 0,1 first: 2^-8 + 2^-8 = 2^-7, then + 1
