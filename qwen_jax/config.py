@@ -65,7 +65,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 262144
     tie_word_embeddings: bool = False
-    eos_token_ids: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()  # config.json's (248044 for Qwen3.6: not the chat EOS)
+    generation_eos_token_ids: tuple[int, ...] = ()  # generation_config.json's, when present (248046, 248044)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -122,7 +123,15 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(raw, source=str(path))
+        cfg = cls.from_hf_dict(raw, source=str(path))
+        generation = path.with_name("generation_config.json")
+        if generation.is_file():
+            try:
+                eos = _eos_ids(json.loads(generation.read_text()), {})
+            except (json.JSONDecodeError, TypeError, ValueError) as e:
+                raise ConfigError(f"{generation}: cannot read eos_token_id ({e})") from None
+            cfg = dataclasses.replace(cfg, generation_eos_token_ids=eos)
+        return cfg
 
     @classmethod
     def qwen3_6_35b_a3b(cls) -> ModelConfig:
@@ -162,7 +171,7 @@ def _eos_ids(text: dict[str, Any], top: dict[str, Any]) -> tuple[int, ...]:
     eos = text.get("eos_token_id", top.get("eos_token_id"))
     if eos is None:
         return ()
-    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    return tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
 
 
 def _text_fields(text: dict[str, Any], top: dict[str, Any], source: str) -> dict[str, Any]:

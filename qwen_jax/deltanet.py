@@ -6,14 +6,14 @@ across devices without a re-layout; the loader slices them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from qwen_jax.config import ModelConfig
-from qwen_jax.delta_rule import chunked_delta_rule
+from qwen_jax.delta_rule import chunked_delta_rule, delta_rule_step
 from qwen_jax.norms import gated_rms_norm
 from qwen_jax.ops import F32, dense, sigmoid, silu, torch_softplus
 
@@ -65,10 +65,13 @@ class GatedDeltaNet(nnx.Module):
         pad_mask: jax.Array | None = None,
         conv_history: dict[str, jax.Array] | None = None,
         state: jax.Array | None = None,
-        delta_rule: Callable = chunked_delta_rule,
     ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
         """x: [B, L, hidden]; pad_mask: [B, L] (1 real, 0 padding); conv_history: {q,k,v: [B, K-1, C]};
-        state: [B, Hv, dk, dv] fp32. Returns (out [B, L, hidden], new conv history, new state)."""
+        state: [B, Hv, dk, dv] fp32. Returns (out [B, L, hidden], new conv history, new state).
+
+        As in HF, one token with a state runs the one-token step (q scaled by division by sqrt(dk)); anything else
+        runs the chunked form (q multiplied by dk**-0.5).
+        """
         cfg = self.cfg
         b, length, _ = x.shape
         if pad_mask is not None:  # padded tokens are zeroed so they cannot touch the conv or the state
@@ -97,8 +100,12 @@ class GatedDeltaNet(nnx.Module):
         g = -jnp.exp(self.A_log[...].astype(F32)) * torch_softplus(a + self.dt_bias[...].astype(F32))
 
         # V head j reads QK head j // (hv // hk): grouped (repeat_interleave), not tiled.
-        q = jnp.repeat(l2_normalise(q.astype(F32)), hv // hk, axis=2) * dk**-0.5
+        step = state is not None and length == 1
+        q = l2_normalise(q.astype(F32))
+        q = q / math.sqrt(dk) if step else q * dk**-0.5
+        q = jnp.repeat(q, hv // hk, axis=2)
         k = jnp.repeat(l2_normalise(k.astype(F32)), hv // hk, axis=2)
+        delta_rule = delta_rule_step if step else chunked_delta_rule
         out, state = delta_rule(q, k, v.astype(F32), g, beta.astype(F32), state)
 
         z = dense(x, self.in_proj_z[...]).reshape(b, length, hv, dv)

@@ -77,18 +77,48 @@ def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
     return causal[None] & (attention_mask[:, None, :] > 0)
 
 
-def _run_layers(model: Qwen35MoeForCausalLM, input_ids, attention_mask, positions, moe_backend: str):
+def run_decoder(model: Qwen35MoeForCausalLM, input_ids, attention_mask, positions, moe_backend, cache=None):
+    """The decoder on ``input_ids`` [B, L]: a plain forward (``cache`` None), a prefill that fills an empty
+    :class:`~qwen_jax.cache.DecodeState` (L > 1), or one decode step (L == 1) that reads and extends it.
+
+    Returns (logits, hidden states, routing, new cache or None).
+    """
     cfg = model.cfg
+    length = input_ids.shape[1]
+    decoding = cache is not None and length == 1
     h = jnp.take(model.embed_tokens[...], input_ids, axis=0)
     cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, h.dtype)
-    mask = causal_padding_mask(attention_mask)
+    if decoding:
+        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, jnp.ones_like(input_ids), (0, cache.length))
+        mask = key_mask[:, None, :] > 0
+    else:
+        mask = causal_padding_mask(attention_mask)
+    keys, values, conv, recurrent = [], [], [], []
     hidden, routings = [h], []
     for layer in model.layers:
         x = layer.input_layernorm(h)
         if layer.layer_type == "linear_attention":
-            x, _, _ = layer.linear_attn(x, pad_mask=attention_mask)
+            i = len(conv)
+            x, history, state = layer.linear_attn(
+                x,
+                pad_mask=None if decoding else attention_mask,
+                conv_history=cache.conv[i] if decoding else None,
+                state=cache.recurrent[i] if decoding else None,
+            )
+            conv.append(history)
+            recurrent.append(state)
         else:
-            x = layer.self_attn(x, cos, sin, mask)
+            i = len(keys)
+            q, k, v, gate = layer.self_attn.project_qkv(x, cos, sin)
+            if cache is not None:
+                start = cache.length if decoding else 0
+                k = jax.lax.dynamic_update_slice(cache.keys[i], k, (0, start, 0, 0))
+                v = jax.lax.dynamic_update_slice(cache.values[i], v, (0, start, 0, 0))
+                keys.append(k)
+                values.append(v)
+                if not decoding:  # prefill attends to its own keys only
+                    k, v = k[:, :length], v[:, :length]
+            x = layer.self_attn.output(attend(q, k, v, mask), gate)
         h = (h + x).astype(h.dtype)
         x, routing = layer.mlp(layer.post_attention_layernorm(h), backend=moe_backend)
         h = (h + x).astype(h.dtype)
@@ -96,13 +126,26 @@ def _run_layers(model: Qwen35MoeForCausalLM, input_ids, attention_mask, position
         routings.append(routing)
     hidden[-1] = model.norm(h)  # as HF: the last hidden state is the final norm's output
     logits = jnp.matmul(hidden[-1], model.lm_head[...], preferred_element_type=F32).astype(h.dtype)
-    return logits, tuple(hidden), tuple(routings)
+    new_cache = None
+    if cache is not None:
+        if not decoding:
+            key_mask = jax.lax.dynamic_update_slice(cache.key_mask, attention_mask.astype(jnp.int32), (0, 0))
+        new_cache = cache._replace(
+            keys=tuple(keys),
+            values=tuple(values),
+            conv=tuple(conv),
+            recurrent=tuple(recurrent),
+            key_mask=key_mask,
+            length=(cache.length if decoding else 0) + length,
+            next_position=positions[:, -1] + 1,
+        )
+    return logits, tuple(hidden), tuple(routings), new_cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "moe_backend", "extras"))
 def _forward_jit(graphdef, state, input_ids, attention_mask, positions, moe_backend, extras):
     model = nnx.merge(graphdef, state)
-    logits, hidden, routing = _run_layers(model, input_ids, attention_mask, positions, moe_backend)
+    logits, hidden, routing, _ = run_decoder(model, input_ids, attention_mask, positions, moe_backend)
     return ForwardOutput(logits, hidden if extras else None, routing if extras else None)
 
 

@@ -1,7 +1,12 @@
 """Tiny random Qwen3.5/3.6 MoE checkpoints built with transformers, and the HF reference forward.
 
-Checkpoints are seeded and saved as safetensors. Norm weights, ``dt_bias`` and ``A_log`` are perturbed away from
-HF's init (zero-centred norms initialise to 0, which would hide a wrong 1 + w convention).
+Checkpoints are seeded and saved as safetensors in the official layout. Norm weights, ``dt_bias`` and ``A_log`` are
+perturbed away from HF's init (zero-centred norms initialise to 0, which would hide a wrong 1 + w convention).
+
+The weights are scaled to behave like a trained model rather than a chaotic random one: the residual stream
+dominates each layer's update, routers are decisive, and lm_head gives most positions a clear top-1. With HF's
+default init, bf16 comparisons are dominated by MoE routing flips at near-ties and top-1 flips at near-ties
+(measured: HF-bf16 agreed with HF-fp32 on the top-1 token at only 66-89% of positions).
 """
 
 from __future__ import annotations
@@ -16,10 +21,10 @@ transformers = __import__("pytest").importorskip("transformers")
 from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig  # noqa: E402
 
 PATTERN = ["linear_attention"] * 3 + ["full_attention"]
-ROUTER_STD = 0.3
+ROUTER_STD = 1.0  # decisive routers, as trained ones are: fewer top-k near-ties
 OUT_STD = 0.02
 LM_HEAD_STD = 0.3
-CONFIDENCE = 0.1
+CONFIDENCE = 0.2
 OUTPUT_PROJECTIONS = (
     "out_proj.weight",
     "o_proj.weight",

@@ -7,24 +7,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from tokenizers import (
-    AddedToken,
-    Regex,
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    processors,
-    trainers,
-)
+import tiny_tokenizer
 
 from qwen_jax.chat import ChatTemplateError, apply_chat_template, load_default_chat_template
 from qwen_jax.tokenizer import load_tokenizer
@@ -32,14 +21,8 @@ from qwen_jax.tokenizer import load_tokenizer
 TEMPLATE = load_default_chat_template()
 
 # ---------------------------------------------------------------------------------------------------------
-# The tokenizer (same construction as tests/test_tokenizer.py; duplicated so each file stands alone).
+# The tokenizer: tests/tiny_tokenizer.py, trained on this file's corpus.
 
-QWEN_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
-    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CONTROL = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 CORPUS = [
     "You are a helpful assistant. What is the weather in Moscow today? Let me think step by step.",
     "Ты полезный ассистент. Какая погода в Москве сегодня? Давай подумаем шаг за шагом.",
@@ -49,26 +32,9 @@ CORPUS = [
 
 
 def _build_tokenizer_dir(directory: Path) -> Path:
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=450, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in CONTROL])
-    tok.save(str(directory / "tokenizer.json"))
+    """Train a Qwen-like byte-level BPE (vocab 450) and save tokenizer.json + tokenizer_config.json."""
     config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return directory
+    return tiny_tokenizer.build_tokenizer_dir(directory, CORPUS, 450, config)
 
 
 @pytest.fixture(scope="module")

@@ -83,3 +83,11 @@ def test_from_json_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"config\.json: not valid JSON"):
         ModelConfig.from_json(tmp_path)
+
+
+def test_generation_config_supplies_the_stop_tokens(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(composite()))
+    assert ModelConfig.from_json(tmp_path).generation_eos_token_ids == ()
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [248046, 248044]}))
+    cfg = ModelConfig.from_json(tmp_path)
+    assert cfg.generation_eos_token_ids == (248046, 248044) and cfg.eos_token_ids == (248044,)

@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
-from tokenizers import (
-    AddedToken,
-    Regex,
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    processors,
-    trainers,
-)
+import tiny_tokenizer
 
 from qwen_jax.tokenizer import QwenTokenizer, TokenizerLoadError, load_tokenizer
 
-# The pre-tokenizer split of Qwen2/Qwen3's tokenizer.json.
-QWEN_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
-    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CONTROL = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. What is the weather in Moscow today?",
     "You are a helpful assistant. Answer briefly and think step by step before answering.",
@@ -53,24 +35,6 @@ CASES = [
 
 def build_tokenizer_dir(directory: Path) -> Path:
     """Train a Qwen-like byte-level BPE (vocab 500) and save tokenizer.json + tokenizer_config.json."""
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in CONTROL])
-    directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
@@ -80,8 +44,7 @@ def build_tokenizer_dir(directory: Path) -> Path:
         "clean_up_tokenization_spaces": False,
         "chat_template": "{{ messages[0]['content'] }}",
     }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return directory
+    return tiny_tokenizer.build_tokenizer_dir(directory, CORPUS, 500, config)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +67,7 @@ def hf(tok_dir):
 
 def test_vocab_is_small_and_has_control_tokens(ours):
     assert 400 <= ours.vocab_size <= 520
-    ids = [ours.token_to_id(t) for t in SPECIAL + CONTROL]
+    ids = [ours.token_to_id(t) for t in tiny_tokenizer.SPECIAL + tiny_tokenizer.CONTROL]
     assert None not in ids
     assert len(set(ids)) == len(ids)
 

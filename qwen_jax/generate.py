@@ -1,0 +1,214 @@
+"""Greedy generation: a prefill that fills the decode state, then a decode loop compiled once.
+
+The decode loop is one ``lax.while_loop`` inside one jit. Its shapes depend only on the batch size, the cache length
+(``max_length``) and the vocabulary, so it compiles once per (batch, max_length) whatever the prompts and however
+many new tokens are asked for: ``max_new_tokens`` is a traced value.
+
+Prompt-length bucketing: prompts are left-padded to a multiple of ``pad_to_multiple`` (default 64) so that the
+prefill compiles once per bucket rather than once per prompt length. Extra left padding changes nothing in exact
+arithmetic (padded tokens are zeroed before the DeltaNet and masked in attention), but it shifts the chunk
+boundaries of the chunked delta rule, so results can differ from an unbucketed run at fp32 rounding level. Pass
+``pad_to_multiple=1`` to prefill exactly what was given (as HF does).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwen_jax.cache import DecodeState, init_decode_state
+from qwen_jax.model import Qwen35MoeForCausalLM, default_positions, run_decoder
+
+#: Qwen3.5/3.6 stop tokens (generation_config.json): <|im_end|> and <|endoftext|>.
+DEFAULT_STOP_TOKEN_IDS = (248046, 248044)
+
+
+class Generation(NamedTuple):
+    tokens: np.ndarray  # [B, max_new_tokens] int32; after a row stops, ``pad_token_id``
+    lengths: np.ndarray  # [B] number of generated tokens per row, the stop token included
+    # [B, max_new_tokens, vocab] when requested: the logits each token was chosen from
+    logits: np.ndarray | None
+
+
+def default_stop_token_ids(model: Qwen35MoeForCausalLM) -> tuple[int, ...]:
+    """The checkpoint's generation_config.json EOS ids when it has them, else :data:`DEFAULT_STOP_TOKEN_IDS`."""
+    return model.cfg.generation_eos_token_ids or DEFAULT_STOP_TOKEN_IDS
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], multiple: int = 1, pad_id: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists to a common length (rounded up to ``multiple``): (input_ids, attention_mask)."""
+    width = _round_up(max(len(p) for p in prompts), multiple)
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[row, width - len(prompt) :] = prompt
+            mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_length", "moe_backend"))
+def _prefill(graphdef, params, input_ids, attention_mask, max_length, moe_backend):
+    model = nnx.merge(graphdef, params)
+    cache = init_decode_state(model.cfg, input_ids.shape[0], max_length, model.dtype)
+    positions = default_positions(attention_mask)
+    logits, _, _, cache = run_decoder(model, input_ids, attention_mask, positions, moe_backend, cache)
+    return logits[:, -1], cache
+
+
+def decode_step(
+    model: Qwen35MoeForCausalLM, tokens: jax.Array, cache: DecodeState, moe_backend: str = "ragged"
+):
+    """One token per row [B] -> (logits [B, vocab], the extended cache)."""
+    positions = cache.next_position[:, None]
+    logits, _, _, cache = run_decoder(model, tokens[:, None], None, positions, moe_backend, cache)
+    return logits[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "moe_backend", "keep_logits"))
+def _decode_loop(
+    graphdef, params, first_logits, cache, max_new_tokens, stop_ids, pad_id, moe_backend, keep_logits
+):
+    model = nnx.merge(graphdef, params)
+    batch, vocab = first_logits.shape
+    capacity = cache.max_length - cache.length  # traced: tokens that still fit
+    limit = jnp.minimum(max_new_tokens, capacity + 1)
+    buffer_len = cache.max_length  # static bound for the output buffers
+    tokens = jnp.full((batch, buffer_len), pad_id, jnp.int32)
+    logits_out = jnp.zeros((batch, buffer_len if keep_logits else 0, vocab), first_logits.dtype)
+
+    def choose(step, logits, done, tokens, logits_out):
+        token = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        tokens = tokens.at[:, step].set(token)
+        if keep_logits:
+            logits_out = logits_out.at[:, step].set(logits)
+        return token, done | jnp.isin(token, stop_ids), tokens, logits_out
+
+    done = jnp.zeros((batch,), bool)
+    token, done, tokens, logits_out = choose(0, first_logits, done, tokens, logits_out)
+
+    def cond(carry):
+        step, _, done, _, _, _ = carry
+        return (step < limit) & ~jnp.all(done)
+
+    def body(carry):
+        step, token, done, cache, tokens, logits_out = carry
+        logits, cache = decode_step(model, token, cache, moe_backend)
+        token, done, tokens, logits_out = choose(step, logits, done, tokens, logits_out)
+        return step + 1, token, done, cache, tokens, logits_out
+
+    step, _, done, cache, tokens, logits_out = jax.lax.while_loop(
+        cond, body, (jnp.int32(1), token, done, cache, tokens, logits_out)
+    )
+    return tokens, logits_out, step
+
+
+def generate(
+    model: Qwen35MoeForCausalLM,
+    input_ids,
+    attention_mask=None,
+    *,
+    max_new_tokens: int = 256,
+    stop_token_ids: Sequence[int] | None = None,
+    max_length: int | None = None,
+    pad_to_multiple: int = 64,
+    pad_token_id: int = 0,
+    return_logits: bool = False,
+    moe_backend: str = "ragged",
+) -> Generation:
+    """Greedy decoding of a left-padded batch.
+
+    ``input_ids`` [B, L] int, or a list of token lists (left-padded here); ``attention_mask`` 1 for real tokens.
+    Each row stops at any of ``stop_token_ids`` (default: :func:`default_stop_token_ids`; pass ``()`` to never
+    stop early). ``max_length`` is the cache length (prompt plus
+    new tokens); by default the padded prompt plus ``max_new_tokens``, rounded up to 256. The decode loop compiles
+    once per (batch, max_length).
+    """
+    if isinstance(input_ids, list | tuple) and input_ids and not np.isscalar(input_ids[0]):
+        input_ids, attention_mask = left_pad(input_ids, pad_to_multiple, pad_token_id)
+    input_ids = np.asarray(input_ids, np.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    attention_mask = (
+        np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    )
+    extra = _round_up(input_ids.shape[1], pad_to_multiple) - input_ids.shape[1]
+    if extra:
+        input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=pad_token_id)
+        attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
+    prompt_len = input_ids.shape[1]
+    if max_length is None:
+        max_length = _round_up(prompt_len + max_new_tokens, 256)
+    if prompt_len + max_new_tokens - 1 > max_length:
+        raise ValueError(
+            f"max_length {max_length} is too small for a {prompt_len}-token (padded) prompt plus {max_new_tokens} "
+            "new tokens"
+        )
+    if stop_token_ids is None:
+        stop_token_ids = default_stop_token_ids(model)
+    stop_ids = jnp.asarray(list(stop_token_ids) or [-1], jnp.int32)
+
+    graphdef, params = nnx.split(model)
+    first_logits, cache = _prefill(graphdef, params, input_ids, attention_mask, max_length, moe_backend)
+    tokens, logits, steps = _decode_loop(
+        graphdef,
+        params,
+        first_logits,
+        cache,
+        max_new_tokens,
+        stop_ids,
+        pad_token_id,
+        moe_backend,
+        return_logits,
+    )
+    steps = int(steps)
+    tokens = np.array(tokens)[:, :max_new_tokens]
+    stopped = np.isin(tokens, np.asarray(stop_token_ids)) if stop_token_ids else np.zeros_like(tokens, bool)
+    first_stop = np.where(stopped.any(1), stopped.argmax(1) + 1, min(steps, max_new_tokens))
+    tokens[np.arange(tokens.shape[1])[None, :] >= first_stop[:, None]] = pad_token_id
+    kept = np.asarray(logits)[:, :max_new_tokens] if return_logits else None
+    return Generation(tokens=tokens, lengths=first_stop.astype(np.int32), logits=kept)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "moe_backend"))
+def _greedy_step(graphdef, params, token, cache, moe_backend):
+    logits, cache = decode_step(nnx.merge(graphdef, params), token, cache, moe_backend)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+
+
+def stream_generate(
+    model: Qwen35MoeForCausalLM,
+    prompt: Sequence[int],
+    *,
+    max_new_tokens: int = 256,
+    stop_token_ids: Sequence[int] | None = None,
+    max_length: int | None = None,
+    moe_backend: str = "ragged",
+) -> Iterator[int]:
+    """Greedy decoding of one prompt, yielding each token as soon as it is chosen (for terminals and progress
+    bars). Same numerics as :func:`generate`; the per-token step compiles once per ``max_length``."""
+    if stop_token_ids is None:
+        stop_token_ids = default_stop_token_ids(model)
+    ids, mask = left_pad([list(prompt)], 64)
+    max_length = max_length or _round_up(ids.shape[1] + max_new_tokens, 256)
+    graphdef, params = nnx.split(model)
+    logits, cache = _prefill(graphdef, params, ids, mask, max_length, moe_backend)
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    for step in range(min(max_new_tokens, max_length - ids.shape[1] + 1)):
+        value = int(token[0])
+        yield value
+        if value in stop_token_ids or step + 1 == max_new_tokens:
+            return
+        token, cache = _greedy_step(graphdef, params, token, cache, moe_backend)
