@@ -88,11 +88,11 @@ def run_jax(path: str, n_prompt: int, n_new: int, dtype: str, out) -> None:
 
     def once():
         t = time.perf_counter()
-        logits, cache = _prefill(graphdef, params, ids, mask, max_length, "ragged")
+        logits, cache = _prefill(graphdef, params, ids, mask, max_length, "auto")
         jax.block_until_ready(cache)
         t_prefill = time.perf_counter() - t
         t = time.perf_counter()
-        tokens, _, _ = _decode_loop(graphdef, params, logits, cache, n_new, stop, 0, "ragged", False)
+        tokens, _, _ = _decode_loop(graphdef, params, logits, cache, n_new, stop, 0, "auto", False)
         tokens = jax.block_until_ready(tokens)
         return t_prefill, time.perf_counter() - t, tokens
 

@@ -15,6 +15,19 @@ if _os.environ.get(
     ).strip()
 
 from qwen_jax.config import ConfigError, ModelConfig
+from qwen_jax.generate import Generation, generate, stream_generate
+from qwen_jax.loading import CheckpointError, load_hf
 from qwen_jax.model import ForwardOutput, Qwen35MoeForCausalLM, forward
 
-__all__ = ["ConfigError", "ForwardOutput", "ModelConfig", "Qwen35MoeForCausalLM", "forward"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "ForwardOutput",
+    "Generation",
+    "ModelConfig",
+    "Qwen35MoeForCausalLM",
+    "forward",
+    "generate",
+    "load_hf",
+    "stream_generate",
+]

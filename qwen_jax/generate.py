@@ -64,12 +64,14 @@ def _prefill(graphdef, params, input_ids, attention_mask, max_length, moe_backen
     model = nnx.merge(graphdef, params)
     cache = init_decode_state(model.cfg, input_ids.shape[0], max_length, model.dtype)
     positions = default_positions(attention_mask)
-    logits, _, _, cache = run_decoder(model, input_ids, attention_mask, positions, moe_backend, cache)
+    logits, _, _, cache = run_decoder(
+        model, input_ids, attention_mask, positions, moe_backend, cache, last_only=True
+    )
     return logits[:, -1], cache
 
 
 def decode_step(
-    model: Qwen35MoeForCausalLM, tokens: jax.Array, cache: DecodeState, moe_backend: str = "ragged"
+    model: Qwen35MoeForCausalLM, tokens: jax.Array, cache: DecodeState, moe_backend: str = "auto"
 ):
     """One token per row [B] -> (logits [B, vocab], the extended cache)."""
     positions = cache.next_position[:, None]
@@ -126,7 +128,7 @@ def generate(
     pad_to_multiple: int = 64,
     pad_token_id: int = 0,
     return_logits: bool = False,
-    moe_backend: str = "ragged",
+    moe_backend: str = "auto",
 ) -> Generation:
     """Greedy decoding of a left-padded batch.
 
@@ -195,7 +197,7 @@ def stream_generate(
     max_new_tokens: int = 256,
     stop_token_ids: Sequence[int] | None = None,
     max_length: int | None = None,
-    moe_backend: str = "ragged",
+    moe_backend: str = "auto",
 ) -> Iterator[int]:
     """Greedy decoding of one prompt, yielding each token as soon as it is chosen (for terminals and progress
     bars). Same numerics as :func:`generate`; the per-token step compiles once per ``max_length``."""

@@ -77,11 +77,20 @@ def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
     return causal[None] & (attention_mask[:, None, :] > 0)
 
 
-def run_decoder(model: Qwen35MoeForCausalLM, input_ids, attention_mask, positions, moe_backend, cache=None):
+def run_decoder(
+    model: Qwen35MoeForCausalLM,
+    input_ids,
+    attention_mask,
+    positions,
+    moe_backend,
+    cache=None,
+    last_only=False,
+):
     """The decoder on ``input_ids`` [B, L]: a plain forward (``cache`` None), a prefill that fills an empty
     :class:`~qwen_jax.cache.DecodeState` (L > 1), or one decode step (L == 1) that reads and extends it.
 
-    Returns (logits, hidden states, routing, new cache or None).
+    Returns (logits, hidden states, routing, new cache or None); with ``last_only`` the logits are those of the
+    last position only, [B, 1, vocab] (a prefill needs no more).
     """
     cfg = model.cfg
     length = input_ids.shape[1]
@@ -125,7 +134,8 @@ def run_decoder(model: Qwen35MoeForCausalLM, input_ids, attention_mask, position
         hidden.append(h)
         routings.append(routing)
     hidden[-1] = model.norm(h)  # as HF: the last hidden state is the final norm's output
-    logits = jnp.matmul(hidden[-1], model.lm_head[...], preferred_element_type=F32).astype(h.dtype)
+    final = hidden[-1][:, -1:] if last_only else hidden[-1]
+    logits = jnp.matmul(final, model.lm_head[...], preferred_element_type=F32).astype(h.dtype)
     new_cache = None
     if cache is not None:
         if not decoding:
@@ -156,7 +166,7 @@ def forward(
     *,
     position_ids: Any = None,
     return_hidden_states: bool = False,
-    moe_backend: str = "ragged",
+    moe_backend: str = "auto",
 ) -> jax.Array | ForwardOutput:
     """Logits [B, L, vocab] for int ``input_ids`` [B, L].
 

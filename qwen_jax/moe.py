@@ -3,9 +3,10 @@
 Expert weights are stored fused as in the checkpoint, in [expert, in, out] layout: ``gate_up`` [E, hidden, 2I]
 (columns :I gate, I: up) and ``down`` [E, I, hidden].
 
-The experts are computed by ``expert_ffn(x_sorted, group_sizes, gate_up, down)`` on rows sorted by expert, with two
-interchangeable backends: ``dense_expert_ffn`` (a one-hot reference that runs every expert on every row) and
-``ragged_expert_ffn`` (``jax.lax.ragged_dot``). Both return one output per (token, slot); :func:`combine_slots`
+The experts are computed by ``expert_ffn(x_sorted, group_sizes, gate_up, down)`` on rows sorted by expert, with
+interchangeable backends: ``dense`` (a one-hot reference that runs every expert on every row), ``ragged``
+(``jax.lax.ragged_dot``), ``gather`` (each row's own expert weights), ``blocked`` (block-padded groups) and
+``auto`` (the fastest of those for the shape and platform). Both return one output per (token, slot); :func:`combine_slots`
 then adds the slots in ascending expert order with a rounding after each add, which is what HF's ``index_add_``
 loop over experts does in bf16.
 """
@@ -18,9 +19,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from qwen_jax.config import ModelConfig
 from qwen_jax.ops import F32, dense, sigmoid, swiglu
+from qwen_jax.sharding import DP, EP, expert_parallel_size
 
 
 class Routing(NamedTuple):
@@ -61,22 +64,107 @@ def dense_expert_ffn(x_sorted, group_sizes, gate_up, down):
     return jnp.einsum("reh,re->rh", out, one_hot)
 
 
-EXPERT_BACKENDS: dict[str, Callable] = {"ragged": ragged_expert_ffn, "dense": dense_expert_ffn}
+def _row_experts(group_sizes: jax.Array, n_rows: int) -> jax.Array:
+    return jnp.repeat(jnp.arange(group_sizes.shape[0]), group_sizes, total_repeat_length=n_rows)
+
+
+def gather_expert_ffn(x_sorted, group_sizes, gate_up, down):
+    """Gathers each row's own expert weights: reads exactly the routed experts. Best for a few rows (decode)."""
+    experts = _row_experts(group_sizes, x_sorted.shape[0])
+    h = jnp.einsum("rh,rhf->rf", x_sorted, gate_up[experts], preferred_element_type=F32).astype(
+        x_sorted.dtype
+    )
+    out = jnp.einsum("rf,rfh->rh", _split_gate_up(h), down[experts], preferred_element_type=F32)
+    return out.astype(x_sorted.dtype)
+
+
+def blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block: int = 32):
+    """A grouped matmul as a loop over ``block``-row blocks: each expert's rows are padded to whole blocks, and
+    each block multiplies its own expert's weights (sliced in the loop, never gathered). Costs the routed FLOPs
+    plus at most one block per expert, where XLA:CPU's ``ragged_dot`` runs every expert on every row."""
+    n_rows, n_experts = x_sorted.shape[0], gate_up.shape[0]
+    n_blocks = -(-n_rows // block) + n_experts  # static upper bound
+    padded = -(-group_sizes // block) * block
+    padded_end = jnp.cumsum(padded)
+    start = jnp.cumsum(group_sizes) - group_sizes
+    experts = _row_experts(group_sizes, n_rows)
+    destination = padded_end[experts] - padded[experts] + jnp.arange(n_rows) - start[experts]
+    x_blocks = jnp.zeros((n_blocks * block, x_sorted.shape[1]), x_sorted.dtype).at[destination].set(x_sorted)
+    block_start = jnp.arange(n_blocks) * block
+    block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_start, side="right"), n_experts - 1)
+
+    def one_block(args):
+        rows, expert, used = args
+
+        def compute(_):
+            h = jnp.matmul(rows, gate_up[expert], preferred_element_type=F32).astype(rows.dtype)
+            return jnp.matmul(_split_gate_up(h), down[expert], preferred_element_type=F32).astype(rows.dtype)
+
+        skip = lambda _: jnp.zeros_like(rows, shape=(block, down.shape[-1]))  # noqa: E731  (keeps rows' vma)
+        return jax.lax.cond(used, compute, skip, None)
+
+    blocks = (x_blocks.reshape(n_blocks, block, -1), block_expert, block_start < padded_end[-1])
+    return jax.lax.map(one_block, blocks).reshape(n_blocks * block, -1)[destination]
+
+
+#: Up to this many (token, slot) rows, ``auto`` gathers per-row expert weights (decode); above, grouped matmuls.
+GATHER_MAX_ROWS = 64
+
+
+def auto_expert_ffn(x_sorted, group_sizes, gate_up, down):
+    """Per-row gathers for a few rows (decode), else ``ragged_dot`` on accelerators and blocks on the CPU."""
+    if x_sorted.shape[0] <= GATHER_MAX_ROWS:
+        return gather_expert_ffn(x_sorted, group_sizes, gate_up, down)
+    if jax.default_backend() == "cpu":
+        return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down)
+    return ragged_expert_ffn(x_sorted, group_sizes, gate_up, down)
+
+
+EXPERT_BACKENDS: dict[str, Callable] = {
+    "auto": auto_expert_ffn,
+    "ragged": ragged_expert_ffn,
+    "dense": dense_expert_ffn,
+    "gather": gather_expert_ffn,
+    "blocked": blocked_expert_ffn,
+}
 
 
 def sort_by_expert(experts: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Array]:
-    """Orders the flattened (token, slot) assignments by expert: returns (order, group_sizes)."""
+    """Orders the flattened (token, slot) assignments by expert: returns (order, group_sizes).
+
+    Ids outside [0, n_experts) (experts that live on another device) sort last and are in no group.
+    """
     flat = experts.reshape(-1)
+    flat = jnp.where((flat >= 0) & (flat < n_experts), flat, n_experts)
     order = jnp.argsort(flat, stable=True)
-    return order, jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+    return order, jnp.bincount(flat, length=n_experts + 1)[:n_experts].astype(jnp.int32)
 
 
 def slot_outputs(x, experts, gate_up, down, expert_ffn: Callable) -> jax.Array:
-    """Each (token, slot)'s expert output, unweighted: [N, k, hidden]."""
+    """Each (token, slot)'s expert output, unweighted: [N, k, hidden]. Slots whose expert id is outside
+    [0, len(gate_up)) get exact zeros (under expert parallelism: the expert lives on another device)."""
     n, k = experts.shape
-    order, group_sizes = sort_by_expert(experts, gate_up.shape[0])
+    n_experts = gate_up.shape[0]
+    order, group_sizes = sort_by_expert(experts, n_experts)
     y_sorted = expert_ffn(x[order // k], group_sizes, gate_up, down)
-    return jnp.zeros((n * k, x.shape[-1]), x.dtype).at[order].set(y_sorted).reshape(n, k, -1)
+    y = jnp.zeros((n * k, x.shape[-1]), x.dtype).at[order].set(y_sorted).reshape(n, k, -1)
+    here = (experts >= 0) & (experts < n_experts)
+    return jnp.where(here[..., None], y, jnp.zeros((), y.dtype))
+
+
+def expert_parallel_slot_outputs(x, experts, gate_up, down, expert_ffn: Callable) -> jax.Array:
+    """:func:`slot_outputs` with the experts split over the mesh's ``ep`` axis: each device computes the slots of
+    its own experts (exact zeros elsewhere) and one exact ``psum`` combines them. See :mod:`qwen_jax.sharding`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    tokens = P(DP) if DP in mesh.axis_names else P()
+
+    def local(x, experts, gate_up, down):
+        first = jax.lax.axis_index(EP) * gate_up.shape[0]
+        return jax.lax.psum(slot_outputs(x, experts - first, gate_up, down, expert_ffn), EP)
+
+    return jax.shard_map(local, in_specs=(tokens, tokens, P(EP), P(EP)), out_specs=tokens)(
+        x, experts, gate_up, down
+    )
 
 
 def combine_slots(outputs: jax.Array, routing: Routing) -> jax.Array:
@@ -110,13 +198,12 @@ class SparseMoe(nnx.Module):
         out = dense(hidden, self.shared_down_proj[...])
         return (sigmoid(dense(x, self.shared_expert_gate[...])) * out).astype(x.dtype)
 
-    def __call__(self, x: jax.Array, backend: str = "ragged") -> tuple[jax.Array, Routing]:
+    def __call__(self, x: jax.Array, backend: str = "auto") -> tuple[jax.Array, Routing]:
         """x: [..., hidden] -> (out [..., hidden], routing of the flattened tokens)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         routing = route(x, self.router[...], self.top_k)
-        outputs = slot_outputs(
-            x, routing.experts, self.gate_up[...], self.down[...], EXPERT_BACKENDS[backend]
-        )
+        compute = expert_parallel_slot_outputs if expert_parallel_size() > 1 else slot_outputs
+        outputs = compute(x, routing.experts, self.gate_up[...], self.down[...], EXPERT_BACKENDS[backend])
         out = (combine_slots(outputs, routing) + self.shared_expert(x)).astype(x.dtype)
         return out.reshape(shape), routing

@@ -1,0 +1,81 @@
+"""Where every tensor lives on the device mesh: the one place that says it.
+
+The default mesh is ``("ep",)`` over all devices. Routed experts are split on ``ep`` (at full size, 32 of the 256
+experts per device on 8 devices); every other parameter, the activations and the decode state are replicated.
+An optional ``("dp", "ep")`` mesh adds data parallelism over the batch. Any ``ep`` size that divides
+``num_experts`` works.
+
+Expert parallelism needs no all-to-all: tokens are replicated, each device runs only the (token, slot) assignments
+of its own experts (:func:`qwen_jax.moe.slot_outputs` gives exact zeros for the others), and one ``psum`` over
+``ep`` combines them. Since each (token, slot) output is non-zero on exactly one device, that sum is exact, and the
+slots are then added in the same fixed order as on one device: the result does not depend on the device count.
+
+Use it as::
+
+    mesh = make_mesh()                       # ("ep",) over jax.devices()
+    model = shard_model(model, mesh)
+    with jax.set_mesh(mesh):
+        logits = qwen_jax.forward(model, ids)
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qwen_jax.config import ModelConfig
+
+EP = "ep"
+DP = "dp"
+#: Parameter leaves split on the expert axis (their leading dimension is the expert).
+EXPERT_LEAVES = ("gate_up", "down")
+
+
+def make_mesh(ep: int | None = None, dp: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A ``("ep",)`` mesh (or ``("dp", "ep")`` when ``dp > 1``) over ``devices`` (default: all)."""
+    devices = list(devices if devices is not None else jax.devices())
+    ep = ep or len(devices) // dp
+    if ep * dp != len(devices):
+        raise ValueError(f"mesh dp={dp} x ep={ep} does not use the {len(devices)} devices given")
+    shape, names = ((dp, ep), (DP, EP)) if dp > 1 else ((ep,), (EP,))
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+
+
+def check_mesh(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> None:
+    ep = mesh.shape.get(EP, 1)
+    if cfg.num_experts % ep:
+        raise ValueError(f"ep={ep} does not divide num_experts={cfg.num_experts}")
+
+
+def param_spec(path: tuple) -> P:
+    """The partition spec of a parameter leaf, by its path in the model."""
+    return P(EP, None, None) if path[-1] in EXPERT_LEAVES else P()
+
+
+def activation_spec(mesh: jax.sharding.Mesh) -> P:
+    """Activations and the decode state: batch over ``dp`` when the mesh has it, else replicated."""
+    return P(DP) if DP in mesh.axis_names else P()
+
+
+def param_shardings(model, mesh: jax.sharding.Mesh) -> dict[tuple, NamedSharding]:
+    """{leaf path: NamedSharding} for every parameter of ``model``."""
+    _, state = nnx.split(model)
+    return {path: NamedSharding(mesh, param_spec(path)) for path, _ in nnx.to_flat_state(state)}
+
+
+def shard_model(model, mesh: jax.sharding.Mesh):
+    """The model with every parameter placed on ``mesh`` by :func:`param_spec` (experts split on ``ep``)."""
+    check_mesh(model.cfg, mesh)
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, param_spec(path))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def expert_parallel_size() -> int:
+    """The ``ep`` size of the mesh set with ``jax.set_mesh`` (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.shape.get(EP, 1) if mesh is not None and not mesh.empty else 1
