@@ -192,4 +192,11 @@ def forward(
     return out if return_hidden_states else out.logits
 
 
-__all__ = ["ForwardOutput", "Qwen35MoeForCausalLM", "default_positions", "forward", "resolve_dtype", "run_decoder"]
+__all__ = [
+    "ForwardOutput",
+    "Qwen35MoeForCausalLM",
+    "default_positions",
+    "forward",
+    "resolve_dtype",
+    "run_decoder",
+]
