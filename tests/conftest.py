@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import functools
+import os
+
+# XLA:CPU has hung here with every thread idle (twice in test_expert_choice_matches_hf, once with async dispatch
+# off): a wedged intra-op Eigen pool, as in jax-ml/jax#25861 and PyAutoLabs/PyAutoFit#1528, whose fix was
+# single-threaded Eigen. Set before JAX starts its backend; subprocess tests inherit it.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 import jax
 import pytest
 
-# XLA:CPU's asynchronous dispatch occasionally never wakes a thread waiting for a result when torch's OpenMP pool
-# runs in the same process (seen here as a hang with every thread idle; jax-ml/jax#25861). Dispatch synchronously.
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 PARITY_LENGTHS = (1, 63, 64, 65, 150, 520)

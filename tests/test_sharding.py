@@ -68,7 +68,8 @@ print("one expert-parallel psum per layer")
 
 
 def run_on_8_devices(script: str, checkpoint, timeout: int) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags.strip())
     return subprocess.run(
         [sys.executable, "-c", script, str(checkpoint)],
         capture_output=True,
