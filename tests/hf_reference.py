@@ -151,10 +151,10 @@ def save_checkpoint(model, path: Path, max_shard_size: str | None = None) -> Pat
     return path
 
 
-def hf_forward(model, input_ids, attention_mask=None, position_ids=None, dtype=None):
-    """HF logits and per-layer hidden states, as float64 numpy arrays."""
+def hf_forward(model, input_ids, attention_mask=None, position_ids=None, router_logits=False):
+    """HF logits and per-layer hidden states, as float64 numpy arrays (and the router logits per layer)."""
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
-    kwargs = {"output_hidden_states": True, "use_cache": False}
+    kwargs = {"output_hidden_states": True, "use_cache": False, "output_router_logits": router_logits}
     if attention_mask is not None:
         kwargs["attention_mask"] = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
     if position_ids is not None:
@@ -162,6 +162,12 @@ def hf_forward(model, input_ids, attention_mask=None, position_ids=None, dtype=N
     with torch.no_grad():
         out = model(ids, **kwargs)
     as_np = lambda t: t.float().numpy().astype(np.float64)  # noqa: E731
+    if router_logits:
+        return (
+            as_np(out.logits),
+            [as_np(h) for h in out.hidden_states],
+            [r.float() for r in out.router_logits],
+        )
     return as_np(out.logits), [as_np(h) for h in out.hidden_states]
 
 
