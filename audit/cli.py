@@ -1,0 +1,94 @@
+"""``python -m audit compare`` and ``python -m audit record``.
+
+Exit codes: 0 the two implementations agree within the tolerances, 1 they diverge, 2 a usage or input error (a
+one-line message on stderr naming the problem and the path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from audit.errors import AuditInputError
+
+DEFAULT_REPORT_DIR = "audit-report"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("qwen-jax-audit")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", type=Path, help="HF checkpoint dir (default: the built-in demo checkpoint)"
+    )
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prompts", type=Path, help='JSONL: {"text": ...} or {"messages": [...]} per line')
+    source.add_argument(
+        "--samples", type=Path, nargs="+", help="lm-eval --log_samples files (samples_*.jsonl)"
+    )
+    source.add_argument("--submission", type=Path, help="a MERA submission zip (with logs_public.zip inside)")
+    parser.add_argument("--limit", type=int, help="only the first N samples of each samples file")
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="greedy tokens per prompt (default 256; the demo prompts: 24)"
+    )
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--reasoning-split",
+        default=None,
+        help="how replies split at </think> when replaying samples (see audit.scoring.ReasoningSplit)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m audit", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    compare = sub.add_parser("compare", help="audit the JAX model against the PyTorch reference")
+    _common(compare)
+    compare.add_argument(
+        "--jax-checkpoint", type=Path, help="the JAX side's weights: an Orbax dir or an HF dir"
+    )
+    compare.add_argument("--reference", type=Path, help="a reference bundle from `record` (no torch needed)")
+    compare.add_argument("--report", type=Path, default=Path(DEFAULT_REPORT_DIR), help="report directory")
+    record = sub.add_parser("record", help="run the PyTorch reference once and save a bundle")
+    _common(record)
+    record.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
+    from audit.samples import SamplesError
+    from qwen_jax import CheckpointError, ConfigError
+
+    try:
+        from audit import run
+
+        if args.command == "record":
+            return run.record(args)
+        return run.compare(args, version=_version())
+    except (AuditInputError, SamplesError, CheckpointError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

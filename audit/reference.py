@@ -1,0 +1,196 @@
+"""The PyTorch side: transformers' Qwen3_5MoeForCausalLM run as the reference (needs the ``reference`` extra).
+
+For each prompt (batch 1, as the audited run): greedy ``generate``, then one teacher-forced forward over the prompt
+and those tokens with every hidden state and the router logits. In a dtype other than float32 the same forward is
+repeated on a float32 copy of the model: how far the reference is from itself across precisions is what calibrates
+the tolerances (see :mod:`audit.compare`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import Qwen3_5MoeForCausalLM
+
+from audit import metrics
+from audit.manifest import host_info, library_versions
+from audit.records import Prompt, ReferenceRun, SequenceRecord
+
+
+def load_reference_model(checkpoint: Path, dtype: str):
+    """The HF model as the reference run loads it: eager attention and eager experts (no fused kernels)."""
+    model = Qwen3_5MoeForCausalLM.from_pretrained(
+        checkpoint, dtype=getattr(torch, dtype), attn_implementation="eager", experts_implementation="eager"
+    )
+    return model.eval()
+
+
+def greedy(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_token_ids: Sequence[int]):
+    """HF ``generate(do_sample=False)`` of a left-padded batch; the generated tokens of each row, stop included."""
+    width = max(len(p) for p in prompts)
+    pad = stop_token_ids[0]
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=list(stop_token_ids),
+            pad_token_id=pad,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+    rows = []
+    for row in out[:, width:].numpy():
+        stops = np.nonzero(np.isin(row, stop_token_ids))[0]
+        rows.append(row[: stops[0] + 1] if len(stops) else row)
+    return [np.asarray(r, np.int32) for r in rows]
+
+
+def teacher_forced(model, tokens: np.ndarray):
+    """(logits [T, V] float32, hidden [n_states, T, H] float32, router logits [n_layers, T, E] float32)."""
+    ids = torch.as_tensor(tokens[None], dtype=torch.long)
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True, output_router_logits=True, use_cache=False)
+    hidden = np.stack([h[0].float().numpy() for h in out.hidden_states])
+    router = np.stack([r.float().numpy() for r in out.router_logits])
+    return out.logits[0].float().numpy(), hidden, router
+
+
+def router_top(router_logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top k+1 experts and their fp32 softmax probabilities, descending, per layer and token."""
+    probs = torch.softmax(torch.as_tensor(router_logits, dtype=torch.float32), -1)
+    values, ids = torch.topk(probs, k + 1, dim=-1)
+    return ids.numpy().astype(np.int32), values.numpy()
+
+
+def _bitwise_check(name: str, first: list[np.ndarray], second: list[np.ndarray]) -> dict:
+    equal = all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    worst = max(
+        float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0
+        for a, b in zip(first, second, strict=True)
+    )
+    return {
+        "name": name,
+        "kind": "bitwise",
+        "passed": equal,
+        "max_abs": worst,
+        "detail": "two runs, same process",
+    }
+
+
+def calibrate(
+    model_fp32, tokens: list[np.ndarray], views: list[metrics.LogitView], hidden: list[np.ndarray], dtype: str
+):
+    """How far the reference in ``dtype`` is from the reference in float32 on the same tokens."""
+    per_prompt, hidden32 = [], []
+    for seq, view in zip(tokens, views, strict=True):
+        logits32, h32, _ = teacher_forced(model_fp32, seq)
+        per_prompt.append(metrics.per_position_logit_metrics(view, logits32))
+        hidden32.append(h32)
+    layers = metrics.layer_diffs(hidden, hidden32)
+    return {
+        "description": f"reference in {dtype} against the reference in float32, teacher-forced on the same tokens",
+        "logits": metrics.summarise_positions(per_prompt),
+        "layers": [layer.rel_diff for layer in layers],
+    }
+
+
+def record_reference(
+    checkpoint: Path,
+    prompts: Sequence[Prompt],
+    *,
+    dtype: str,
+    max_new_tokens: int,
+    seed: int,
+    stop_token_ids: Sequence[int],
+    manifest: dict,
+    progress: bool = True,
+) -> ReferenceRun:
+    """Runs the reference on every prompt; see the module docstring."""
+    torch.manual_seed(seed)
+    model = load_reference_model(checkpoint, dtype)
+    k = model.config.num_experts_per_tok
+    sequences, logits_again, logits_first = [], [], []
+    for prompt in tqdm(prompts, desc="reference (torch)", disable=not progress, leave=False):
+        generated = greedy(model, [prompt.ids], max_new_tokens, stop_token_ids)[0]
+        tokens = np.concatenate([np.asarray(prompt.ids, np.int32), generated])
+        logits, hidden, router = teacher_forced(model, tokens)
+        logits_first.append(logits)
+        logits_again.append(teacher_forced(model, tokens)[0])
+        ids, probs = router_top(router, k)
+        sequences.append(
+            SequenceRecord(
+                prompt_len=len(prompt.ids),
+                tokens=tokens,
+                generated=generated,
+                hidden=hidden,
+                experts=ids[..., :k],
+                logits=metrics.logit_view(logits),
+                router_ids=ids,
+                router_probs=probs,
+            )
+        )
+    determinism = [_bitwise_check("reference run-to-run: teacher-forced logits", logits_first, logits_again)]
+    again = greedy(model, [prompts[0].ids], max_new_tokens, stop_token_ids)[0]
+    determinism.append(
+        {
+            "name": "reference run-to-run: greedy tokens of prompt 0",
+            "kind": "bitwise",
+            "passed": bool(np.array_equal(again, sequences[0].generated)),
+            "max_abs": None,
+            "detail": "generated twice at batch 1",
+        }
+    )
+    batch = (
+        greedy(model, [p.ids for p in prompts], max_new_tokens, stop_token_ids) if len(prompts) > 1 else None
+    )
+    if batch is not None:
+        same = sum(np.array_equal(a, s.generated) for a, s in zip(batch, sequences, strict=True))
+        determinism.append(
+            {
+                "name": f"reference batch 1 vs batch {len(prompts)}: greedy tokens",
+                "kind": "tolerance",
+                "passed": same == len(prompts),
+                "max_abs": None,
+                "detail": f"{same}/{len(prompts)} prompts identical (left padding; not expected to be bitwise)",
+            }
+        )
+    calibration = None
+    if dtype != "float32":
+        del model
+        calibration = calibrate(
+            load_reference_model(checkpoint, "float32"),
+            [s.tokens for s in sequences],
+            [s.logits for s in sequences],
+            [s.hidden for s in sequences],
+            dtype,
+        )
+    manifest = {
+        **manifest,
+        "side": "reference",
+        "framework": "torch",
+        "versions": library_versions(("torch", "transformers", "numpy", "safetensors", "tokenizers")),
+        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "host": host_info(),
+        "torch_threads": torch.get_num_threads(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+    }
+    return ReferenceRun(
+        prompts=tuple(prompts),
+        sequences=tuple(sequences),
+        manifest=manifest,
+        calibration=calibration,
+        determinism=tuple(determinism),
+        batch_outputs=None if batch is None else tuple(tuple(int(t) for t in b) for b in batch),
+    )

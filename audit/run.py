@@ -1,0 +1,292 @@
+"""The two commands, wired from their parts: prompts, the reference side (live or a bundle), the JAX side, the
+replay of logged samples, and the report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from audit import demo
+from audit.errors import AuditInputError
+from audit.manifest import checkpoint_digest, combined_sha256, host_info, library_versions
+from audit.prompts import (
+    PromptSpec,
+    TokenizerBundle,
+    load_checkpoint_tokenizer,
+    prompts_sha256,
+    read_prompts_file,
+    render_all,
+)
+from audit.records import Prompt, ReferenceRun
+
+DEFAULT_MAX_NEW_TOKENS = 256
+DEMO_SOURCE = "built-in demo"
+
+
+class _Inputs:
+    """What both commands resolve from the arguments: checkpoint, tokenizer, prompts, limits."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.is_demo = args.checkpoint is None
+        self.checkpoint = demo.ensure_demo_checkpoint() if self.is_demo else _checkpoint_dir(args.checkpoint)
+        self.tokens = load_checkpoint_tokenizer(self.checkpoint)
+        self.samples = _samples(args)
+        self.enable_thinking = None
+        specs, self.prompts_source = self._specs(args)
+        self.prompts = render_all(specs, self.tokens)
+        uses_demo_prompts = self.prompts_source == DEMO_SOURCE
+        default = demo.DEMO_MAX_NEW_TOKENS if uses_demo_prompts else DEFAULT_MAX_NEW_TOKENS
+        self.max_new_tokens = args.max_new_tokens or default
+        self.stop_token_ids = _stop_token_ids(self.checkpoint)
+
+    def _specs(self, args) -> tuple[list[PromptSpec], str]:
+        if args.prompts is not None:
+            return read_prompts_file(args.prompts), str(args.prompts)
+        if self.samples is not None:
+            specs = [
+                PromptSpec(f"{s.task} doc {s.doc_id}", messages=tuple(s.messages()))
+                for f in self.samples["files"]
+                for s in list(f)[: args.limit]
+            ]
+            return specs, self.samples["source"]
+        if not self.is_demo:
+            raise AuditInputError(
+                "--checkpoint needs prompts: --prompts FILE, --samples FILE... or --submission ZIP"
+            )
+        return [PromptSpec(p["name"], messages=tuple(p["messages"])) for p in demo.DEMO_PROMPTS], DEMO_SOURCE
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise AuditInputError(f"{path}: checkpoint directory not found")
+    if not (path / "config.json").is_file():
+        raise AuditInputError(f"{path}: not an HF checkpoint (no config.json)")
+    return path
+
+
+def _samples(args) -> dict | None:
+    from audit.replay import load_samples_files
+    from audit.samples import SamplesError, read_submission
+
+    try:
+        if getattr(args, "samples", None):
+            return {"files": load_samples_files(args.samples), "source": ", ".join(map(str, args.samples))}
+        if getattr(args, "submission", None):
+            submission = read_submission(args.submission)
+            files = [submission.logs.samples[t] for t in sorted(submission.logs.samples)]
+            return {"files": files, "source": str(args.submission), "submission": args.submission}
+    except SamplesError as exc:
+        raise AuditInputError(str(exc)) from None
+    return None
+
+
+def _stop_token_ids(checkpoint: Path) -> tuple[int, ...]:
+    from qwen_jax.config import ConfigError, ModelConfig
+    from qwen_jax.generate import DEFAULT_STOP_TOKEN_IDS
+
+    try:
+        cfg = ModelConfig.from_json(checkpoint / "config.json")
+    except ConfigError as exc:
+        raise AuditInputError(str(exc)) from None
+    return tuple(cfg.generation_eos_token_ids or DEFAULT_STOP_TOKEN_IDS)
+
+
+def _contract(
+    checkpoint: Path, tokens: TokenizerBundle, prompts: list[Prompt], dtype: str, seed: int, max_new: int
+) -> dict:
+    digests = checkpoint_digest(checkpoint)
+    return {
+        "dtype": dtype,
+        "seed": seed,
+        "max_new_tokens": max_new,
+        "checkpoint": str(checkpoint),
+        "checkpoint_files": digests,
+        "checkpoint_sha256": combined_sha256(digests),
+        "tokenizer_sha256": tokens.tokenizer_sha256,
+        "chat_template_sha256": tokens.template_sha256,
+        "prompts_sha256": prompts_sha256(prompts),
+    }
+
+
+def _record_live(inputs: _Inputs, args) -> ReferenceRun:
+    try:
+        from audit.reference import record_reference
+    except ImportError as exc:
+        raise AuditInputError(
+            f"the PyTorch reference needs torch and transformers ({exc}); install the `reference` extra or pass "
+            "--reference BUNDLE"
+        ) from None
+    contract = _contract(
+        inputs.checkpoint, inputs.tokens, inputs.prompts, args.dtype, args.seed, inputs.max_new_tokens
+    )
+    return record_reference(
+        inputs.checkpoint,
+        inputs.prompts,
+        dtype=args.dtype,
+        max_new_tokens=inputs.max_new_tokens,
+        seed=args.seed,
+        stop_token_ids=inputs.stop_token_ids,
+        manifest={**contract, "stop_token_ids": list(inputs.stop_token_ids)},
+        progress=not args.no_progress,
+    )
+
+
+def record(args) -> int:
+    from audit.records import save_bundle
+
+    inputs = _Inputs(args)
+    for warning in inputs.tokens.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    run = _record_live(inputs, args)
+    path = save_bundle(run, args.out)
+    print(f"reference bundle: {path} ({len(run.prompts)} prompts, {args.dtype})")
+    return 0
+
+
+def _load_jax_model(path: Path, dtype: str):
+    import qwen_jax
+
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return qwen_jax.load_hf(path, dtype)
+    if not hasattr(qwen_jax, "load"):
+        raise AuditInputError(f"{path}: not an HF checkpoint, and this build cannot read Orbax checkpoints")
+    return qwen_jax.load(path, dtype=dtype)
+
+
+def _jax_manifest(weights: Path, inputs_like: dict) -> dict:
+    import os
+
+    import jax
+
+    device = jax.devices()[0]
+    return {
+        **inputs_like,
+        "side": "jax",
+        "framework": "jax",
+        "versions": library_versions(("jax", "jaxlib", "flax", "numpy", "orbax-checkpoint", "tokenizers")),
+        "device": f"{device.platform}: {device.device_kind} x {jax.device_count()}",
+        "host": host_info(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "weights": str(weights),
+    }
+
+
+def _replay(inputs: _Inputs, args, model, jax_run, reference: ReferenceRun) -> dict | None:
+    """The replay of logged samples, reusing the JAX greedy outputs already made for the same prompts."""
+    if inputs.samples is None:
+        return None
+    from audit import jax_side
+    from audit.replay import replay_samples, replay_submission
+    from audit.samples import SamplesError
+
+    done = {
+        (tuple(p.ids), inputs.max_new_tokens): list(s.generated)
+        for p, s in zip(reference.prompts, jax_run.sequences, strict=True)
+    }
+
+    def generate(prompts, max_new_tokens):
+        missing = [p for p in prompts if (tuple(p), max_new_tokens) not in done]
+        if missing:
+            for p, out in zip(
+                missing, jax_side.greedy(model, missing, max_new_tokens, inputs.stop_token_ids), strict=True
+            ):
+                done[(tuple(p), max_new_tokens)] = list(out)
+        return [done[(tuple(p), max_new_tokens)] for p in prompts]
+
+    kwargs = dict(
+        tokenizer=inputs.tokens.tokenizer,
+        chat_template=inputs.tokens.template,
+        generate=generate,
+        max_new_tokens=inputs.max_new_tokens,
+        stop_token_ids=inputs.stop_token_ids,
+        limit=args.limit,
+    )
+    if args.reasoning_split:
+        kwargs["reasoning_split"] = args.reasoning_split
+    try:
+        if "submission" in inputs.samples:
+            result = replay_submission(inputs.samples["submission"], **kwargs)
+        else:
+            result = replay_samples(inputs.samples["files"], **kwargs)
+    except (SamplesError, ValueError) as exc:
+        raise AuditInputError(str(exc)) from None
+    return result.to_json()
+
+
+def compare(args, version: str) -> int:
+    from audit import jax_side
+    from audit.compare import build_report
+    from audit.records import load_bundle
+    from audit.report import terminal_summary, write_report
+
+    if args.reference is not None:
+        if args.prompts or args.samples or args.submission:
+            raise AuditInputError(
+                "--reference carries its own prompts; drop --prompts/--samples/--submission"
+            )
+        reference = load_bundle(args.reference)
+        args.dtype = reference.manifest.get("dtype", args.dtype)
+    inputs = _Inputs(args) if args.reference is None else _BundleInputs(args, reference)
+    warnings = list(inputs.tokens.warnings)
+    if args.reference is None:
+        reference = _record_live(inputs, args)
+    weights = inputs.checkpoint if args.jax_checkpoint is None else args.jax_checkpoint
+    if not weights.is_dir():
+        raise AuditInputError(f"{weights}: JAX checkpoint directory not found")
+    model = _load_jax_model(weights, args.dtype)
+    jax_run = jax_side.run_jax(
+        model,
+        reference,
+        max_new_tokens=inputs.max_new_tokens,
+        stop_token_ids=inputs.stop_token_ids,
+        progress=not args.no_progress,
+    )
+    contract = _contract(
+        weights, inputs.tokens, list(reference.prompts), args.dtype, args.seed, inputs.max_new_tokens
+    )
+    settings = {
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "max_new_tokens": inputs.max_new_tokens,
+        "checkpoint": str(inputs.checkpoint),
+        "jax_checkpoint": None if args.jax_checkpoint is None else str(args.jax_checkpoint),
+        "prompts_source": inputs.prompts_source,
+        "reference_source": "live" if args.reference is None else "bundle",
+        "reasoning_split": args.reasoning_split,
+    }
+    report = build_report(
+        reference=reference,
+        jax_run=jax_run,
+        settings=settings,
+        jax_manifest=_jax_manifest(weights, contract),
+        layer_types=model.cfg.layer_types,
+        decode=lambda ids: inputs.tokens.tokenizer.decode([int(t) for t in ids]),
+        tool_version=version,
+        replay=_replay(inputs, args, model, jax_run, reference),
+        warnings=warnings,
+    )
+    paths = write_report(report, args.report)
+    print(terminal_summary(report))
+    print(f"report: {paths.html} and {paths.json}")
+    return report["verdict"]["exit_code"]
+
+
+class _BundleInputs(_Inputs):
+    """Inputs when the reference comes from a bundle: its prompts, budget and stop tokens."""
+
+    def __init__(self, args, reference: ReferenceRun):
+        self.is_demo = args.checkpoint is None
+        self.checkpoint = demo.ensure_demo_checkpoint() if self.is_demo else _checkpoint_dir(args.checkpoint)
+        self.tokens = load_checkpoint_tokenizer(self.checkpoint)
+        self.samples = None
+        self.prompts = list(reference.prompts)
+        self.prompts_source = f"reference bundle {args.reference}"
+        self.max_new_tokens = int(reference.manifest.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        self.stop_token_ids = tuple(
+            reference.manifest.get("stop_token_ids") or _stop_token_ids(self.checkpoint)
+        )
+        if args.max_new_tokens is not None and args.max_new_tokens != self.max_new_tokens:
+            raise AuditInputError(
+                f"{args.reference}: recorded with --max-new-tokens {self.max_new_tokens}, not {args.max_new_tokens}"
+            )
