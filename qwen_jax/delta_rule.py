@@ -57,6 +57,27 @@ def recurrent_delta_rule(q, k, v, g, beta, state=None):
     return jnp.moveaxis(out, 0, 1), state
 
 
+def solve_unit_lower(a: jax.Array, b: jax.Array) -> jax.Array:
+    """X with (I + strict_lower(a)) X = b, for a [..., n, n] and b [..., n, m], by forward substitution.
+
+    Column by column, in the order of LAPACK's reference ``trsm`` (what ``torch.linalg.solve_triangular`` computes):
+    once row k of X is final, every later row subtracts ``a[i, k] * X[k]``. It replaces
+    ``lax.linalg.triangular_solve``, whose XLA:CPU kernel (LAPACK through an FFI call) fans batches out onto the
+    same thread pool that runs the devices' programs and waits on them: with 8 fake devices on 2 cores every
+    worker ended up waiting inside it, a deadlock (the intermittent test-run hangs had the same stacks).
+    """
+    n = a.shape[-1]
+    later = jnp.arange(n)[:, None] > jnp.arange(n)[None, :]  # later[i, k]: row i comes after row k
+    a = jnp.where(later, a, 0.0)
+
+    def eliminate(k, x):
+        column = jax.lax.dynamic_index_in_dim(a, k, axis=-1, keepdims=False)  # [..., n]
+        row = jax.lax.dynamic_index_in_dim(x, k, axis=-2, keepdims=True)  # [..., 1, m]
+        return x - column[..., None] * row
+
+    return jax.lax.fori_loop(0, n - 1, eliminate, b)
+
+
 def chunked_delta_rule(q, k, v, g, beta, state=None, chunk_size: int = CHUNK_SIZE):
     """The chunked form (HF's ``torch_chunk_gated_delta_rule``): exact in exact arithmetic.
 
@@ -85,10 +106,9 @@ def chunked_delta_rule(q, k, v, g, beta, state=None, chunk_size: int = CHUNK_SIZ
 
     ut_system = (k_beta @ jnp.swapaxes(k, -1, -2)) * decay
     intra = (q @ jnp.swapaxes(k, -1, -2)) * decay
-    solve = jax.lax.linalg.triangular_solve
-    opts = dict(left_side=True, lower=True, unit_diagonal=True)
-    new_values = solve(ut_system, v_beta, **opts)
-    k_cumdecay = solve(ut_system, k_beta * jnp.exp(cum)[..., None], **opts)
+    dv = v_beta.shape[-1]
+    solved = solve_unit_lower(ut_system, jnp.concatenate([v_beta, k_beta * jnp.exp(cum)[..., None]], axis=-1))
+    new_values, k_cumdecay = solved[..., :dv], solved[..., dv:]
 
     q_decayed = q * jnp.exp(cum)[..., None]
     k_decayed = k * jnp.exp(cum[..., -1:] - cum)[..., None]

@@ -1,8 +1,14 @@
 """Expert parallelism on 8 fake CPU devices (in subprocesses: the device count is fixed when JAX starts).
 
-Status: the expert-parallel program lowers to one psum per MoE layer, and on 2 and 4 devices matches one device to
-1.2e-5 (fp32 logits; not yet bitwise) with identical greedy tokens. Executing it on 8 fake devices on a 2-core
-machine has hung (all threads idle, in XLA:CPU collectives), so the execution test is marked slow.
+The expert-parallel program lowers to one psum per MoE layer. Its fp32 logits are bitwise identical on 2, 4 and 8
+devices; against the unsharded single-device program they differ by at most 5.3e-6 and 1.9e-5 on the two configs
+(measured; asserted: EP_BOUND = 5e-5, half the parity tolerance against HF), with identical greedy tokens. That difference is not in the expert-parallel MoE itself (its slot
+outputs are bitwise equal, and forcing the shard_map path on a 1-device mesh changes nothing): XLA compiles the
+slot combination of the unsharded program differently (3e-8 per layer, isolated to ``combine_slots`` inside a jit).
+
+Executing on 8 fake devices used to deadlock on 2 cores: every device's program waited inside the LAPACK
+triangular-solve kernel, which fans out onto the same thread pool. The chunked delta rule now solves its
+triangular systems with plain XLA ops (``qwen_jax.delta_rule.solve_unit_lower``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ mask = np.ones_like(ids); mask[1, :20] = 0; mask[2, :45] = 0
 ref = np.asarray(qwen_jax.forward(model, ids, mask))
 ref_tokens = generate(model, ids, mask, max_new_tokens=12, stop_token_ids=()).tokens
 n_experts = model.cfg.num_experts
+layouts = {}
 for ep in (2, 4, 8):
     mesh = make_mesh(ep, devices=jax.devices()[:ep])
     sharded = shard_model(model, mesh)
@@ -41,9 +48,13 @@ for ep in (2, 4, 8):
         assert "all-reduce" in hlo or "all_reduce" in hlo, "the expert-parallel psum is missing"
         logits = np.asarray(qwen_jax.forward(sharded, ids, mask))
         tokens = generate(sharded, ids, mask, max_new_tokens=12, stop_token_ids=()).tokens
-    np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-4, err_msg=f"ep={ep}")
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=float(sys.argv[2]), err_msg=f"ep={ep}")
     assert (tokens == ref_tokens).all(), f"ep={ep}: tokens differ"
+    layouts[ep] = logits
     print(f"ep={ep} max diff {np.abs(logits - ref).max():.3g}")
+for ep, logits in layouts.items():
+    np.testing.assert_array_equal(logits, layouts[2], err_msg=f"ep={ep} is not bitwise equal to ep=2")
+print("expert-parallel layouts bitwise identical")
 """
 
 LOWERING = r"""
@@ -67,11 +78,14 @@ print("one expert-parallel psum per layer")
 """
 
 
-def run_on_8_devices(script: str, checkpoint, timeout: int) -> subprocess.CompletedProcess:
+EP_BOUND = 5e-5  # max |logit diff| of any expert-parallel layout against the unsharded program (fp32)
+
+
+def run_on_8_devices(script: str, checkpoint, timeout: int, *args: str) -> subprocess.CompletedProcess:
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     env = dict(os.environ, XLA_FLAGS=flags.strip())
     return subprocess.run(
-        [sys.executable, "-c", script, str(checkpoint)],
+        [sys.executable, "-c", script, str(checkpoint), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -85,12 +99,13 @@ def test_moe_layers_lower_to_expert_parallel_psums(tiny_checkpoints):
     assert "one expert-parallel psum per layer" in result.stdout
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["hveqhk_top4of16", "hv2hk_top2of8"])
 def test_expert_parallel_matches_one_device(name, tiny_checkpoints):
-    result = run_on_8_devices(SCRIPT, tiny_checkpoints(name), timeout=1800)
+    """8 fake devices: forward and greedy generation on ep = 2, 4, 8 against one device."""
+    result = run_on_8_devices(SCRIPT, tiny_checkpoints(name), 600, str(EP_BOUND))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("max diff") == 3
+    assert "expert-parallel layouts bitwise identical" in result.stdout
 
 
 def test_param_specs():
