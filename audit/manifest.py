@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -36,14 +37,29 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+#: The files that define a checkpoint's weights: its safetensors and config.json (an index or generation config
+#: changes no weight, and a conversion to Orbax does not keep the index).
+CONFIG_FILE = "config.json"
+ORBAX_MANIFEST = "manifest.json"
+
+
 def checkpoint_digest(directory: Path, progress: bool = False) -> dict[str, str]:
-    """sha256 of every weight and config file of an HF checkpoint directory, by file name."""
-    files = sorted(
-        p
-        for p in Path(directory).iterdir()
-        if p.is_file() and (p.suffix in {".safetensors", ".json"}) and not p.name.startswith("tokenizer")
-    )
-    return {p.name: sha256_file(p) for p in tqdm(files, desc="sha256", disable=not progress, leave=False)}
+    """sha256 of the safetensors files and config.json of an HF checkpoint dir, by file name. For an Orbax dir
+    from ``python -m conversion convert``, the source safetensors' sha256 recorded at conversion time (and its copy
+    of config.json), so that a faithful conversion has the same digest as the checkpoint it came from."""
+    directory = Path(directory)
+    digests = {}
+    manifest = directory / ORBAX_MANIFEST
+    if manifest.is_file() and not any(directory.glob("*.safetensors")):
+        sources = json.loads(manifest.read_text(encoding="utf-8")).get("sources", {})
+        digests = {name: record["sha256"] for name, record in sources.items()}
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+        for path in tqdm(files, desc="sha256", disable=not progress, leave=False):
+            digests[path.name] = sha256_file(path)
+    if (directory / CONFIG_FILE).is_file():
+        digests[CONFIG_FILE] = sha256_file(directory / CONFIG_FILE)
+    return digests
 
 
 def combined_sha256(digests: dict[str, str]) -> str:

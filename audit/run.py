@@ -4,7 +4,9 @@ replay of logged samples, and the report."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from audit import demo
@@ -24,37 +26,79 @@ DEFAULT_MAX_NEW_TOKENS = 256
 DEMO_SOURCE = "built-in demo"
 
 
-class _Inputs:
-    """What both commands resolve from the arguments: checkpoint, tokenizer, prompts, limits."""
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What a command resolves from its arguments: the checkpoint, its tokenizer, the prompts and the budget."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.is_demo = args.checkpoint is None
-        self.checkpoint = demo.ensure_demo_checkpoint() if self.is_demo else _checkpoint_dir(args.checkpoint)
-        self.tokens = load_checkpoint_tokenizer(self.checkpoint)
-        self.samples = _samples(args)
-        self.enable_thinking = None
-        specs, self.prompts_source = self._specs(args)
-        self.prompts = render_all(specs, self.tokens)
-        uses_demo_prompts = self.prompts_source == DEMO_SOURCE
-        default = demo.DEMO_MAX_NEW_TOKENS if uses_demo_prompts else DEFAULT_MAX_NEW_TOKENS
-        self.max_new_tokens = args.max_new_tokens or default
-        self.stop_token_ids = _stop_token_ids(self.checkpoint)
+    checkpoint: Path
+    tokens: TokenizerBundle
+    prompts: tuple[Prompt, ...]
+    prompts_source: str
+    dtype: str
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...]
+    samples: dict | None = None  # {"files", "source"[, "submission"]} when replaying logged samples
 
-    def _specs(self, args) -> tuple[list[PromptSpec], str]:
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Inputs:
+        checkpoint = _resolve_checkpoint(args.checkpoint)
+        tokens = load_checkpoint_tokenizer(checkpoint)
+        samples = _samples(args)
         if args.prompts is not None:
-            return read_prompts_file(args.prompts), str(args.prompts)
-        if self.samples is not None:
+            specs, source = read_prompts_file(args.prompts), str(args.prompts)
+        elif samples is not None:
             specs = [
                 PromptSpec(f"{s.task} doc {s.doc_id}", messages=tuple(s.messages()))
-                for f in self.samples["files"]
+                for f in samples["files"]
                 for s in list(f)[: args.limit]
             ]
-            return specs, self.samples["source"]
-        if not self.is_demo:
+            source = samples["source"]
+        elif args.checkpoint is None:
+            specs = [PromptSpec(p["name"], messages=tuple(p["messages"])) for p in demo.DEMO_PROMPTS]
+            source = DEMO_SOURCE
+        else:
             raise AuditInputError(
                 "--checkpoint needs prompts: --prompts FILE, --samples FILE... or --submission ZIP"
             )
-        return [PromptSpec(p["name"], messages=tuple(p["messages"])) for p in demo.DEMO_PROMPTS], DEMO_SOURCE
+        default = demo.DEMO_MAX_NEW_TOKENS if source == DEMO_SOURCE else DEFAULT_MAX_NEW_TOKENS
+        return cls(
+            checkpoint=checkpoint,
+            tokens=tokens,
+            prompts=tuple(render_all(specs, tokens)),
+            prompts_source=source,
+            dtype=args.dtype,
+            max_new_tokens=args.max_new_tokens or default,
+            stop_token_ids=_stop_token_ids(checkpoint),
+            samples=samples,
+        )
+
+    @classmethod
+    def from_bundle(cls, args: argparse.Namespace, reference: ReferenceRun) -> Inputs:
+        """The bundle's prompts, dtype, budget and stop tokens; the checkpoint gives the tokenizer (decoding)."""
+        if args.prompts or args.samples or args.submission:
+            raise AuditInputError(
+                "--reference carries its own prompts; drop --prompts/--samples/--submission"
+            )
+        manifest = reference.manifest
+        max_new_tokens = int(manifest.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        if args.max_new_tokens is not None and args.max_new_tokens != max_new_tokens:
+            raise AuditInputError(
+                f"{args.reference}: recorded with --max-new-tokens {max_new_tokens}, not {args.max_new_tokens}"
+            )
+        checkpoint = _resolve_checkpoint(args.checkpoint)
+        return cls(
+            checkpoint=checkpoint,
+            tokens=load_checkpoint_tokenizer(checkpoint),
+            prompts=reference.prompts,
+            prompts_source=f"reference bundle {args.reference}",
+            dtype=manifest.get("dtype", args.dtype),
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=tuple(manifest.get("stop_token_ids") or _stop_token_ids(checkpoint)),
+        )
+
+
+def _resolve_checkpoint(path: Path | None) -> Path:
+    return demo.ensure_demo_checkpoint() if path is None else _checkpoint_dir(path)
 
 
 def _checkpoint_dir(path: Path) -> Path:
@@ -93,7 +137,7 @@ def _stop_token_ids(checkpoint: Path) -> tuple[int, ...]:
 
 
 def _contract(
-    checkpoint: Path, tokens: TokenizerBundle, prompts: list[Prompt], dtype: str, seed: int, max_new: int
+    checkpoint: Path, tokens: TokenizerBundle, prompts: Sequence[Prompt], dtype: str, seed: int, max_new: int
 ) -> dict:
     digests = checkpoint_digest(checkpoint)
     return {
@@ -109,7 +153,7 @@ def _contract(
     }
 
 
-def _record_live(inputs: _Inputs, args) -> ReferenceRun:
+def _record_live(inputs: Inputs, args) -> ReferenceRun:
     try:
         from audit.reference import record_reference
     except ImportError as exc:
@@ -118,12 +162,12 @@ def _record_live(inputs: _Inputs, args) -> ReferenceRun:
             "--reference BUNDLE"
         ) from None
     contract = _contract(
-        inputs.checkpoint, inputs.tokens, inputs.prompts, args.dtype, args.seed, inputs.max_new_tokens
+        inputs.checkpoint, inputs.tokens, inputs.prompts, inputs.dtype, args.seed, inputs.max_new_tokens
     )
     return record_reference(
         inputs.checkpoint,
         inputs.prompts,
-        dtype=args.dtype,
+        dtype=inputs.dtype,
         max_new_tokens=inputs.max_new_tokens,
         seed=args.seed,
         stop_token_ids=inputs.stop_token_ids,
@@ -135,7 +179,7 @@ def _record_live(inputs: _Inputs, args) -> ReferenceRun:
 def record(args) -> int:
     from audit.records import save_bundle
 
-    inputs = _Inputs(args)
+    inputs = Inputs.from_args(args)
     for warning in inputs.tokens.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     run = _record_live(inputs, args)
@@ -145,12 +189,11 @@ def record(args) -> int:
 
 
 def _load_jax_model(path: Path, dtype: str):
+    """An HF safetensors dir (loaded by ``qwen_jax.load_hf``) or an Orbax dir from ``python -m conversion``."""
     import qwen_jax
 
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
         return qwen_jax.load_hf(path, dtype)
-    if not hasattr(qwen_jax, "load"):
-        raise AuditInputError(f"{path}: not an HF checkpoint, and this build cannot read Orbax checkpoints")
     return qwen_jax.load(path, dtype=dtype)
 
 
@@ -172,7 +215,7 @@ def _jax_manifest(weights: Path, inputs_like: dict) -> dict:
     }
 
 
-def _replay(inputs: _Inputs, args, model, jax_run, reference: ReferenceRun) -> dict | None:
+def _replay(inputs: Inputs, args, model, jax_run, reference: ReferenceRun) -> dict | None:
     """The replay of logged samples, reusing the JAX greedy outputs already made for the same prompts."""
     if inputs.samples is None:
         return None
@@ -221,20 +264,15 @@ def compare(args, version: str) -> int:
     from audit.report import terminal_summary, write_report
 
     if args.reference is not None:
-        if args.prompts or args.samples or args.submission:
-            raise AuditInputError(
-                "--reference carries its own prompts; drop --prompts/--samples/--submission"
-            )
         reference = load_bundle(args.reference)
-        args.dtype = reference.manifest.get("dtype", args.dtype)
-    inputs = _Inputs(args) if args.reference is None else _BundleInputs(args, reference)
-    warnings = list(inputs.tokens.warnings)
-    if args.reference is None:
+        inputs = Inputs.from_bundle(args, reference)
+    else:
+        inputs = Inputs.from_args(args)
         reference = _record_live(inputs, args)
     weights = inputs.checkpoint if args.jax_checkpoint is None else args.jax_checkpoint
     if not weights.is_dir():
         raise AuditInputError(f"{weights}: JAX checkpoint directory not found")
-    model = _load_jax_model(weights, args.dtype)
+    model = _load_jax_model(weights, inputs.dtype)
     jax_run = jax_side.run_jax(
         model,
         reference,
@@ -243,10 +281,10 @@ def compare(args, version: str) -> int:
         progress=not args.no_progress,
     )
     contract = _contract(
-        weights, inputs.tokens, list(reference.prompts), args.dtype, args.seed, inputs.max_new_tokens
+        weights, inputs.tokens, inputs.prompts, inputs.dtype, args.seed, inputs.max_new_tokens
     )
     settings = {
-        "dtype": args.dtype,
+        "dtype": inputs.dtype,
         "seed": args.seed,
         "max_new_tokens": inputs.max_new_tokens,
         "checkpoint": str(inputs.checkpoint),
@@ -264,29 +302,15 @@ def compare(args, version: str) -> int:
         decode=lambda ids: inputs.tokens.tokenizer.decode([int(t) for t in ids]),
         tool_version=version,
         replay=_replay(inputs, args, model, jax_run, reference),
-        warnings=warnings,
+        warnings=inputs.tokens.warnings,
     )
+    for difference in report["manifest"]["differences"]:
+        print(
+            f"WARNING: the reference was run with {difference['key']} = {difference['reference']!r}, this run has "
+            f"{difference['jax']!r}",
+            file=sys.stderr,
+        )
     paths = write_report(report, args.report)
     print(terminal_summary(report))
     print(f"report: {paths.html} and {paths.json}")
     return report["verdict"]["exit_code"]
-
-
-class _BundleInputs(_Inputs):
-    """Inputs when the reference comes from a bundle: its prompts, budget and stop tokens."""
-
-    def __init__(self, args, reference: ReferenceRun):
-        self.is_demo = args.checkpoint is None
-        self.checkpoint = demo.ensure_demo_checkpoint() if self.is_demo else _checkpoint_dir(args.checkpoint)
-        self.tokens = load_checkpoint_tokenizer(self.checkpoint)
-        self.samples = None
-        self.prompts = list(reference.prompts)
-        self.prompts_source = f"reference bundle {args.reference}"
-        self.max_new_tokens = int(reference.manifest.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
-        self.stop_token_ids = tuple(
-            reference.manifest.get("stop_token_ids") or _stop_token_ids(self.checkpoint)
-        )
-        if args.max_new_tokens is not None and args.max_new_tokens != self.max_new_tokens:
-            raise AuditInputError(
-                f"{args.reference}: recorded with --max-new-tokens {self.max_new_tokens}, not {args.max_new_tokens}"
-            )

@@ -14,6 +14,7 @@ if _os.environ.get(
         _os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false"
     ).strip()
 
+from qwen_jax.checkpoint import load
 from qwen_jax.config import ConfigError, ModelConfig
 from qwen_jax.generate import Generation, generate, stream_generate
 from qwen_jax.loading import CheckpointError, load_hf
@@ -28,6 +29,7 @@ __all__ = [
     "Qwen35MoeForCausalLM",
     "forward",
     "generate",
+    "load",
     "load_hf",
     "stream_generate",
 ]

@@ -132,8 +132,9 @@ def test_an_altered_expert_is_caught_and_localised(demo_dir, tmp_path):
 
 
 def test_bundle_round_trip_without_torch(demo_dir, prompts_file, tmp_path):
-    """record (torch) -> compare --reference in a process where importing torch fails. A changed seed is a
-    contract difference: warned about loudly, in the summary and the report."""
+    """record (torch) -> compare --reference in a process where importing torch fails, with the JAX side from an
+    Orbax conversion (same checkpoint digest as its source). A changed seed is a contract difference: warned about
+    loudly, on stderr, in the summary and in the report."""
     bundle = tmp_path / "bundle"
     recorded = run_audit(
         "record",
@@ -156,6 +157,25 @@ def test_bundle_round_trip_without_torch(demo_dir, prompts_file, tmp_path):
     for name in ("torch", "transformers"):
         (blocker / name).mkdir(parents=True)
         (blocker / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
+    orbax = tmp_path / "orbax"
+    converted = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "conversion",
+            "convert",
+            "--hf",
+            str(demo_dir),
+            "--out",
+            str(orbax),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=AUDIT_TIMEOUT,
+    )
+    assert converted.returncode == 0, converted.stderr
     report_dir = tmp_path / "report"
     result = run_audit(
         "compare",
@@ -163,6 +183,8 @@ def test_bundle_round_trip_without_torch(demo_dir, prompts_file, tmp_path):
         str(bundle),
         "--checkpoint",
         str(demo_dir),
+        "--jax-checkpoint",
+        str(orbax),
         "--seed",
         "1",
         "--report",
@@ -174,6 +196,8 @@ def test_bundle_round_trip_without_torch(demo_dir, prompts_file, tmp_path):
     assert report["settings"]["reference_source"] == "bundle"
     assert [d["key"] for d in report["manifest"]["differences"]] == ["seed"]
     assert any("seed" in w for w in report["warnings"]) and "seed" in result.stdout
+    assert "WARNING: the reference was run with seed = 1234" in result.stderr
+    assert report["settings"]["jax_checkpoint"] == str(orbax)
 
 
 @pytest.mark.parametrize(

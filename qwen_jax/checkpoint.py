@@ -1,0 +1,131 @@
+"""Orbax checkpoints written by ``python -m conversion convert``, and :func:`load`, which restores one sharded.
+
+Layout of a converted directory (self-contained: config, generation config, tokenizer and chat template are copied
+next to the weights)::
+
+    OUT/manifest.json            format marker, dtype, config, every leaf (path, shape, dtype, sha256 of its bytes,
+                                 the HF tensors it came from) and every source file (size, sha256)
+    OUT/params/<leaf name>/      one small Orbax checkpoint per parameter leaf, tree {"value": array}
+    OUT/config.json, generation_config.json, tokenizer*.json, chat_template.jinja, ...
+
+One checkpoint per leaf lets the converter write and release each leaf before it reads the next (bounded memory),
+and lets :func:`load` restore each leaf straight into its sharding on the mesh: Orbax reads, for each device, only
+the slice of the leaf that device holds, so no full host copy of an expert-sharded leaf is ever made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from qwen_jax.config import ModelConfig
+from qwen_jax.hf_layout import LeafPath
+from qwen_jax.loading import CheckpointError
+from qwen_jax.model import Qwen35MoeForCausalLM, resolve_dtype
+
+FORMAT = "qwen-jax-orbax-per-leaf"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARAMS_DIR = "params"
+VALUE_KEY = "value"
+
+
+def leaf_name(path: LeafPath) -> str:
+    """``("layers", 0, "mlp", "gate_up")`` -> ``"layers.0.mlp.gate_up"`` (also the leaf's directory name)."""
+    return ".".join(map(str, path))
+
+
+def leaf_bytes_sha256(value: np.ndarray) -> str:
+    """sha256 of a leaf's C-order bytes (the dtype and shape are recorded next to it)."""
+    return hashlib.sha256(np.ascontiguousarray(value).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def read_manifest(ckpt_dir: str | Path) -> dict:
+    """The manifest of a converted checkpoint; CheckpointError if the directory is not one."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{ckpt_dir}: checkpoint directory not found")
+    path = ckpt_dir / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir}: not a converted checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {manifest.get('version')} (expected {FORMAT_VERSION})")
+    return manifest
+
+
+def _quiet_orbax() -> None:
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def restore_leaf(leaf_dir: Path, sharding=None, shape=None, dtype=None):
+    """One leaf: a numpy array (``sharding`` None) or a jax.Array laid out by ``sharding``, each device reading
+    only its own slice (``ArrayRestoreArgs``); ``dtype`` casts on restore."""
+    import orbax.checkpoint as ocp
+
+    _quiet_orbax()
+    if sharding is None:
+        args = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
+    else:
+        args = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(shape), dtype=dtype)
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    try:
+        restored = checkpointer.restore(leaf_dir, args=ocp.args.PyTreeRestore(restore_args={VALUE_KEY: args}))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{leaf_dir}: cannot restore this Orbax leaf ({e})") from None
+    return restored[VALUE_KEY]
+
+
+def load(ckpt_dir: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None):
+    """The model from a converted checkpoint, each parameter restored directly into its sharding.
+
+    With ``mesh``, every leaf gets ``NamedSharding(mesh, qwen_jax.sharding.param_spec(path))`` (experts split on
+    ``ep``, the rest replicated) and each device materialises only its shard; run the model under
+    ``jax.set_mesh(mesh)``. Without a mesh, everything goes to the first device. ``dtype`` ("float32" or "bfloat16")
+    casts on restore; by default the checkpoint's own dtype is kept.
+    """
+    from jax.sharding import NamedSharding, SingleDeviceSharding
+
+    from qwen_jax.sharding import check_mesh, param_spec
+
+    ckpt_dir = Path(ckpt_dir)
+    manifest = read_manifest(ckpt_dir)
+    cfg = ModelConfig.from_json(ckpt_dir / "config.json")
+    stored = resolve_dtype(manifest["dtype"])
+    target = resolve_dtype(dtype) if dtype is not None else stored
+    if mesh is not None:
+        check_mesh(cfg, mesh)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen35MoeForCausalLM(cfg, target)))
+    flat = nnx.to_flat_state(state)
+    entries = {leaf_name(tuple(e["path"])): e for e in manifest["leaves"]}
+    for path, var in flat:
+        name = leaf_name(path)
+        entry = entries.get(name)
+        spec = var.get_value()
+        if entry is None:
+            raise CheckpointError(f"{ckpt_dir}: parameter {name} is missing from {MANIFEST}")
+        if tuple(entry["shape"]) != tuple(spec.shape):
+            raise CheckpointError(
+                f"{ckpt_dir}: parameter {name} has shape {tuple(entry['shape'])} in {MANIFEST} "
+                f"but config.json implies {tuple(spec.shape)}"
+            )
+        sharding = (
+            SingleDeviceSharding(jax.devices()[0]) if mesh is None else NamedSharding(mesh, param_spec(path))
+        )
+        value = restore_leaf(ckpt_dir / PARAMS_DIR / name, sharding, spec.shape, target)
+        var.set_value(value)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+__all__ = ["FORMAT", "MANIFEST", "PARAMS_DIR", "leaf_bytes_sha256", "leaf_name", "load", "read_manifest"]
