@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from audit.atomic import atomic_directory
 from audit.errors import AuditInputError
 from qwen_jax.chat import load_default_chat_template
 
@@ -99,9 +98,7 @@ def build_demo_checkpoint(directory: Path) -> Path:
     from audit import hf_models  # torch and transformers: the reference side
     from audit.tiny_tokenizer import build_tokenizer_dir
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         template = load_default_chat_template()
         tokenizer_config = {
             "eos_token": "<|im_end|>",
@@ -120,12 +117,6 @@ def build_demo_checkpoint(directory: Path) -> Path:
         hf_models.save_checkpoint(model, tmp)
         generation = {"eos_token_id": [added["<|im_end|>"], added["<|endoftext|>"]], "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1) + "\n", encoding="utf-8")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

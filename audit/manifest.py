@@ -12,6 +12,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from conversion.safetensors_io import file_sha256 as sha256_file
+
 #: Keys whose difference between the reference bundle and the current run is warned about loudly.
 CONTRACT_KEYS = (
     "dtype",
@@ -22,15 +24,6 @@ CONTRACT_KEYS = (
     "chat_template_sha256",
     "prompts_sha256",
 )
-CHUNK = 1 << 24
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_text(text: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from audit.errors import AuditInputError
-from audit.manifest import sha256_text
+from audit.manifest import sha256_file, sha256_text
 from audit.records import Prompt
 from qwen_jax.chat import ChatTemplateError, apply_chat_template, load_default_chat_template
 from qwen_jax.tokenizer import QwenTokenizer, TokenizerLoadError, load_tokenizer
@@ -43,8 +43,6 @@ class TokenizerBundle:
 
     @property
     def tokenizer_sha256(self) -> str:
-        from audit.manifest import sha256_file
-
         return sha256_file(self.tokenizer.path)
 
 

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from audit.atomic import atomic_directory
 from audit.errors import AuditInputError
 from audit.metrics import LogitView
 
@@ -71,18 +69,12 @@ class ReferenceRun:
     batch_outputs: tuple[tuple[int, ...], ...] | None = None  # greedy tokens of the batched run
 
 
-def _atomic_dir(target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-
-
 def save_bundle(run: ReferenceRun, directory: str | Path) -> Path:
     """Writes ``run`` as a bundle at ``directory`` (replacing an older bundle there), atomically."""
     directory = Path(directory)
     if directory.exists() and not (directory / MANIFEST).is_file():
         raise AuditInputError(f"{directory}: exists and is not a reference bundle; refusing to overwrite it")
-    tmp = _atomic_dir(directory)
-    try:
+    with atomic_directory(directory) as tmp:
         arrays: dict[str, np.ndarray] = {}
         for i, seq in enumerate(run.sequences):
             arrays.update(
@@ -104,12 +96,6 @@ def save_bundle(run: ReferenceRun, directory: str | Path) -> Path:
         _write_json(tmp / PROMPTS, {"prompts": prompts, "batch_outputs": run.batch_outputs})
         _write_json(tmp / CALIBRATION, {"calibration": run.calibration, "determinism": list(run.determinism)})
         _write_json(tmp / MANIFEST, {"bundle_format": BUNDLE_FORMAT, **run.manifest})
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
