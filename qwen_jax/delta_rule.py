@@ -30,10 +30,10 @@ def _zeros_state(k: jax.Array, v: jax.Array) -> jax.Array:
 def _step(state: jax.Array, q_t, k_t, v_t, g_t, beta_t) -> tuple[jax.Array, jax.Array]:
     """One token for all (batch, head): inputs [B, H, d] and [B, H]; state [B, H, dk, dv]."""
     state = state * jnp.exp(g_t)[..., None, None]
-    kv = jnp.sum(state * k_t[..., :, None], axis=-2)
-    delta = (v_t - kv) * beta_t[..., None]
+    kv = jnp.einsum("bhkv,bhk->bhv", state, k_t)  # S^T k as a batched matvec: 14x faster on XLA:CPU than
+    delta = (v_t - kv) * beta_t[..., None]  # HF's sum(S * k[..., None], -2), equal up to fp32 summation order
     state = state + k_t[..., :, None] * delta[..., None, :]
-    out = jnp.sum(state * q_t[..., :, None], axis=-2)
+    out = jnp.einsum("bhkv,bhk->bhv", state, q_t)
     return out, state
 
 
@@ -57,25 +57,52 @@ def recurrent_delta_rule(q, k, v, g, beta, state=None):
     return jnp.moveaxis(out, 0, 1), state
 
 
-def solve_unit_lower(a: jax.Array, b: jax.Array) -> jax.Array:
-    """X with (I + strict_lower(a)) X = b, for a [..., n, n] and b [..., n, m], by forward substitution.
+SOLVE_BLOCK = 16
 
-    Column by column, in the order of LAPACK's reference ``trsm`` (what ``torch.linalg.solve_triangular`` computes):
-    once row k of X is final, every later row subtracts ``a[i, k] * X[k]``. It replaces
-    ``lax.linalg.triangular_solve``, whose XLA:CPU kernel (LAPACK through an FFI call) fans batches out onto the
-    same thread pool that runs the devices' programs and waits on them: with 8 fake devices on 2 cores every
-    worker ended up waiting inside it, a deadlock (the intermittent test-run hangs had the same stacks).
-    """
+
+def _strict_lower(a: jax.Array) -> jax.Array:
     n = a.shape[-1]
-    later = jnp.arange(n)[:, None] > jnp.arange(n)[None, :]  # later[i, k]: row i comes after row k
-    a = jnp.where(later, a, 0.0)
+    return jnp.where(jnp.arange(n)[:, None] > jnp.arange(n)[None, :], a, 0.0)
+
+
+def _column_solve(a: jax.Array, b: jax.Array) -> jax.Array:
+    """X with (I + a) X = b for a strictly lower ``a``: column by column, as LAPACK's reference ``trsm``."""
 
     def eliminate(k, x):
         column = jax.lax.dynamic_index_in_dim(a, k, axis=-1, keepdims=False)  # [..., n]
         row = jax.lax.dynamic_index_in_dim(x, k, axis=-2, keepdims=True)  # [..., 1, m]
         return x - column[..., None] * row
 
-    return jax.lax.fori_loop(0, n - 1, eliminate, b)
+    return jax.lax.fori_loop(0, a.shape[-1] - 1, eliminate, b)
+
+
+def solve_unit_lower(a: jax.Array, b: jax.Array, block: int = SOLVE_BLOCK) -> jax.Array:
+    """X with (I + strict_lower(a)) X = b, for a [..., n, n] and b [..., n, m]: blocked forward substitution.
+
+    The ``block`` x ``block`` diagonal blocks are inverted together (a short column-by-column loop), then the
+    n / block block rows are solved in order with matmuls. Measured on a chunk of the delta rule: 2.5 ms against
+    3.96 ms for XLA:CPU's LAPACK kernel and 5.0 ms for an unblocked loop, and closer to a float64 solve
+    (4.8e-7 against 1.0e-6 and 2.1e-6).
+
+    It replaces ``lax.linalg.triangular_solve``, whose XLA:CPU kernel (LAPACK through an FFI call) fans batches out
+    onto the same thread pool that runs the devices' programs and waits on them: with 8 fake devices on 2 cores
+    every worker ended up waiting inside it, a deadlock (the intermittent test-run hangs had the same stacks).
+    """
+    n = a.shape[-1]
+    a = _strict_lower(a)
+    if n % block:
+        return _column_solve(a, b)
+    nb = n // block
+    blocks = a.reshape(*a.shape[:-2], nb, block, nb, block)
+    diagonal = jnp.stack([blocks[..., i, :, i, :] for i in range(nb)], axis=-3)  # [..., nb, block, block]
+    inverses = _column_solve(diagonal, jnp.broadcast_to(jnp.eye(block, dtype=a.dtype), diagonal.shape))
+    rows = []
+    for i in range(nb):
+        rhs = b[..., i * block : (i + 1) * block, :]
+        for j in range(i):
+            rhs = rhs - blocks[..., i, :, j, :] @ rows[j]
+        rows.append(inverses[..., i, :, :] @ rhs)
+    return jnp.concatenate(rows, axis=-2)
 
 
 def chunked_delta_rule(q, k, v, g, beta, state=None, chunk_size: int = CHUNK_SIZE):

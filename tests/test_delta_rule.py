@@ -73,3 +73,17 @@ def test_oracle_matches_hf_recurrent():
     out, s = recurrent_delta_rule(q, k, v, g, beta, state)
     np.testing.assert_allclose(out, ref.numpy(), rtol=0, atol=1e-5)
     np.testing.assert_allclose(s, ref_state.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [64, 24])  # blocked, and the unblocked fallback (24 is not a multiple of 16)
+def test_solve_unit_lower_matches_a_float64_solve(n):
+    from qwen_jax.delta_rule import solve_unit_lower
+
+    rng = np.random.RandomState(n)
+    keys = rng.randn(3, n, 16)
+    keys /= np.linalg.norm(keys, axis=-1, keepdims=True)
+    a = 0.9 * keys @ keys.swapaxes(-1, -2)  # a delta-rule-like system: |a| < 1, unit diagonal implied
+    b = rng.randn(3, n, 5)
+    exact = np.linalg.solve(np.eye(n) + np.tril(a, -1), b)
+    ours = np.asarray(solve_unit_lower(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
+    np.testing.assert_allclose(ours, exact, rtol=0, atol=2e-5)
