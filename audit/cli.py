@@ -46,6 +46,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="how replies split at </think> when replaying samples (see audit.scoring.ReasoningSplit)",
     )
+    parser.add_argument(
+        "--thinking",
+        choices=("on", "off"),
+        help="render logged samples with enable_thinking true/false (default: the template's own default, on)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

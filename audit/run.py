@@ -48,7 +48,11 @@ class Inputs:
             specs, source = read_prompts_file(args.prompts), str(args.prompts)
         elif samples is not None:
             specs = [
-                PromptSpec(f"{s.task} doc {s.doc_id}", messages=tuple(s.messages()))
+                PromptSpec(
+                    f"{s.task} doc {s.doc_id}",
+                    messages=tuple(s.messages()),
+                    chat_template_kwargs=_thinking_kwargs(args),
+                )
                 for f in samples["files"]
                 for s in list(f)[: args.limit]
             ]
@@ -95,6 +99,11 @@ class Inputs:
             max_new_tokens=max_new_tokens,
             stop_token_ids=tuple(manifest.get("stop_token_ids") or _stop_token_ids(checkpoint)),
         )
+
+
+def _thinking_kwargs(args) -> dict:
+    """The chat-template keywords of ``--thinking`` (none when not given: the template's default)."""
+    return {} if args.thinking is None else {"enable_thinking": args.thinking == "on"}
 
 
 def _resolve_checkpoint(path: Path | None) -> Path:
@@ -247,6 +256,8 @@ def _replay(inputs: Inputs, args, model, jax_run, reference: ReferenceRun) -> di
     )
     if args.reasoning_split:
         kwargs["reasoning_split"] = args.reasoning_split
+    if args.thinking is not None:
+        kwargs["enable_thinking"] = args.thinking == "on"
     try:
         if "submission" in inputs.samples:
             result = replay_submission(inputs.samples["submission"], **kwargs)

@@ -249,3 +249,19 @@ def test_a_template_other_than_qwen36_is_flagged(demo_dir, tmp_path):
     warnings = load_checkpoint_tokenizer(copy).warnings
     assert len(warnings) == 1 and "differs from the Qwen3.6 template" in warnings[0]
     assert load_checkpoint_tokenizer(demo_dir).warnings == ()
+
+
+@pytest.mark.parametrize("thinking", [None, "off"])
+def test_thinking_switch_renders_logged_samples(thinking, demo_dir):
+    """--thinking off renders the logged messages with enable_thinking=false (an empty think block is primed)."""
+    from audit.run import Inputs
+
+    samples = sorted(FIXTURES.glob("samples_med_bench_*.jsonl"))[:1]
+    args = cli.build_parser().parse_args(
+        ["compare", "--checkpoint", str(demo_dir), "--samples", *map(str, samples), "--limit", "1"]
+        + ([] if thinking is None else ["--thinking", thinking])
+    )
+    text = Inputs.from_args(args).prompts[0].text
+    assert text.endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n" if thinking == "off" else "<think>\n"
+    )
