@@ -101,8 +101,16 @@ def blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block: int = 32):
         y = jnp.matmul(_split_gate_up(h), down[expert], preferred_element_type=F32).astype(rows.dtype)
         return jax.lax.dynamic_update_slice_in_dim(out, y, i * block, 0)
 
-    out = jnp.zeros((n_blocks * block, down.shape[-1]), x_sorted.dtype)
+    out = _varying_like(jnp.zeros((n_blocks * block, down.shape[-1]), x_sorted.dtype), down)
     return jax.lax.fori_loop(0, padded_end[-1] // block, one_block, out)[destination]
+
+
+def _varying_like(x: jax.Array, reference: jax.Array) -> jax.Array:
+    """``x`` marked as varying over the mesh axes ``reference`` varies over (inside ``shard_map``, a loop carry
+    must have the same type as the body's result, which depends on the device's own experts)."""
+    manual = getattr(jax.typeof(reference), "manual_axis_type", None)
+    axes = tuple(sorted(manual.varying)) if manual is not None else ()
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
 #: Up to this many (token, slot) rows, ``auto`` gathers per-row expert weights (decode); above, grouped matmuls.
