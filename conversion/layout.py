@@ -26,10 +26,15 @@ from qwen_jax.hf_layout import (
     LeafPath,
     Target,
     canonical_name,
-    pieces_complete,
     targets_for,
 )
-from qwen_jax.loading import FLOAT_DTYPES, MAX_LISTED_ERRORS, CheckpointError, checkpoint_files
+from qwen_jax.loading import (
+    FLOAT_DTYPES,
+    CheckpointError,
+    checkpoint_files,
+    incomplete_leaves,
+    raise_problems,
+)
 from qwen_jax.model import Qwen35MoeForCausalLM, resolve_dtype
 
 
@@ -116,18 +121,8 @@ def build_plan(path: str | Path, dtype: str) -> Plan:
                     continue
                 have.add(target.piece)
                 sources[target.leaf].append(Source(info, target))
-    for leaf, got in pieces.items():
-        if not pieces_complete(cfg, leaf, got):
-            state = "is missing" if not got else f"is only partly set ({len(got)} pieces)"
-            errors.append(f"parameter {'.'.join(map(str, leaf))} {state} in checkpoint {path}")
-    if errors:
-        shown = "\n  ".join(errors[:MAX_LISTED_ERRORS])
-        more = (
-            f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
-        )
-        raise CheckpointError(
-            f"cannot convert checkpoint {path} ({len(errors)} problem(s)):\n  {shown}{more}"
-        )
+    errors += incomplete_leaves(cfg, pieces, path)
+    raise_problems(errors, f"cannot convert checkpoint {path}")
     leaves = [
         LeafPlan(leaf, tuple(spec.shape), np.dtype(spec.dtype), sources[leaf]) for leaf, spec in specs.items()
     ]

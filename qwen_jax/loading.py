@@ -52,6 +52,26 @@ class LoadReport:
         return f"loaded {self.loaded} tensors from {len(self.files)} file(s); skipped {self.skipped_total} ({skipped})"
 
 
+def incomplete_leaves(cfg: ModelConfig, pieces: dict, path: Path) -> list[str]:
+    """One message per JAX leaf that the checkpoint's tensors leave unset or only partly set."""
+    problems = []
+    for leaf, got in pieces.items():
+        if not pieces_complete(cfg, leaf, got):
+            state = "is missing" if not got else f"is only partly set ({len(got)} pieces)"
+            problems.append(f"parameter {'.'.join(map(str, leaf))} {state} in checkpoint {path}")
+    return problems
+
+
+def raise_problems(errors: list[str], what: str) -> None:
+    """One :class:`CheckpointError` listing ``errors`` (the first ``MAX_LISTED_ERRORS``), if there are any."""
+    if errors:
+        shown = "\n  ".join(errors[:MAX_LISTED_ERRORS])
+        more = (
+            f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
+        )
+        raise CheckpointError(f"{what} ({len(errors)} problem(s)):\n  {shown}{more}")
+
+
 def checkpoint_files(path: Path) -> dict[str, list[str]]:
     """The safetensors files of a checkpoint dir and, for each, the tensor names it should hold (None: all)."""
     if not path.is_dir():
@@ -153,16 +173,8 @@ def read_hf_params(
                 buffers[target.leaf] = value
         report.loaded += 1
 
-    for leaf, got in pieces.items():
-        if not pieces_complete(cfg, leaf, got):
-            state = "is missing" if not got else f"is only partly set ({len(got)} pieces)"
-            errors.append(f"parameter {'.'.join(map(str, leaf))} {state} in checkpoint {path}")
-    if errors:
-        shown = "\n  ".join(errors[:MAX_LISTED_ERRORS])
-        more = (
-            f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
-        )
-        raise CheckpointError(f"cannot load checkpoint {path} ({len(errors)} problem(s)):\n  {shown}{more}")
+    errors += incomplete_leaves(cfg, pieces, path)
+    raise_problems(errors, f"cannot load checkpoint {path}")
     log.info("%s", report.summary())
     return buffers, report
 
