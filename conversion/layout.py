@@ -21,19 +21,16 @@ from flax import nnx
 from conversion.safetensors_io import TensorInfo, read_header, read_tensor
 from qwen_jax.config import ModelConfig
 from qwen_jax.hf_layout import (
-    SKIPPED_PREFIXES,
-    WHOLE,
     LeafPath,
     Target,
-    canonical_name,
-    targets_for,
 )
 from qwen_jax.loading import (
-    FLOAT_DTYPES,
     CheckpointError,
     checkpoint_files,
+    claim_pieces,
     incomplete_leaves,
     raise_problems,
+    tensor_targets,
 )
 from qwen_jax.model import Qwen35MoeForCausalLM, resolve_dtype
 
@@ -100,26 +97,10 @@ def build_plan(path: str | Path, dtype: str) -> Plan:
                 )
         for info in infos:
             where = f"tensor {info.name!r} in {path / file}"
-            canonical = canonical_name(info.name)
-            if canonical is None:
-                skipped[next(p for p in SKIPPED_PREFIXES if info.name.startswith(p))] += 1
-                continue
-            targets = targets_for(cfg, canonical)
+            targets = tensor_targets(cfg, info.name, info.dtype, where, errors, skipped)
             if targets is None:
-                errors.append(f"unexpected {where}: no such parameter in this model (config.json)")
                 continue
-            if info.dtype not in FLOAT_DTYPES:
-                errors.append(f"{where} has dtype {info.dtype}; expected a float dtype (BF16/F16/F32)")
-                continue
-            if info.shape != targets[0].hf_shape:
-                errors.append(f"{where} has shape {info.shape} but config.json implies {targets[0].hf_shape}")
-                continue
-            for target in targets:
-                have = pieces[target.leaf]
-                if target.piece in have or (have and WHOLE in (target.piece, *have)):
-                    errors.append(f"{where} sets {'.'.join(map(str, target.leaf))} a second time")
-                    continue
-                have.add(target.piece)
+            for target in claim_pieces(targets, info.shape, where, pieces, errors) or ():
                 sources[target.leaf].append(Source(info, target))
     errors += incomplete_leaves(cfg, pieces, path)
     raise_problems(errors, f"cannot convert checkpoint {path}")

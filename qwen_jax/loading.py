@@ -21,7 +21,14 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 
 from qwen_jax.config import ModelConfig
-from qwen_jax.hf_layout import WHOLE, LeafPath, canonical_name, pieces_complete, targets_for
+from qwen_jax.hf_layout import (
+    SKIPPED_PREFIXES,
+    WHOLE,
+    LeafPath,
+    canonical_name,
+    pieces_complete,
+    targets_for,
+)
 from qwen_jax.model import Qwen35MoeForCausalLM, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,40 @@ class LoadReport:
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {p}*" for p, n in sorted(self.skipped.items())) or "none"
         return f"loaded {self.loaded} tensors from {len(self.files)} file(s); skipped {self.skipped_total} ({skipped})"
+
+
+def tensor_targets(cfg: ModelConfig, name: str, dtype: str, where: str, errors: list[str], skipped: Counter):
+    """The leaf pieces a checkpoint tensor sets, or None: counted in ``skipped`` (``mtp.*``, ``model.visual.*``)
+    or, when it has no parameter in this model or is not a float, a problem appended to ``errors``."""
+    canonical = canonical_name(name)
+    if canonical is None:
+        skipped[next(p for p in SKIPPED_PREFIXES if name.startswith(p))] += 1
+        return None
+    targets = targets_for(cfg, canonical)
+    if targets is None:
+        errors.append(f"unexpected {where}: no such parameter in this model (config.json)")
+        return None
+    if dtype not in FLOAT_DTYPES:
+        errors.append(f"{where} has dtype {dtype}; expected a float dtype (BF16/F16/F32)")
+        return None
+    return targets
+
+
+def claim_pieces(targets: list, shape: tuple, where: str, pieces: dict, errors: list[str]) -> list | None:
+    """Checks the tensor's shape and marks its pieces as set in ``pieces``: the targets it newly sets, or None
+    on a wrong shape. A piece set a second time is a problem appended to ``errors``."""
+    if shape != targets[0].hf_shape:
+        errors.append(f"{where} has shape {shape} but config.json implies {targets[0].hf_shape}")
+        return None
+    claimed = []
+    for target in targets:
+        have = pieces[target.leaf]
+        if target.piece in have or (have and WHOLE in (target.piece, *have)):
+            errors.append(f"{where} sets {'.'.join(map(str, target.leaf))} a second time")
+            continue
+        have.add(target.piece)
+        claimed.append(target)
+    return claimed
 
 
 def incomplete_leaves(cfg: ModelConfig, pieces: dict, path: Path) -> list[str]:
@@ -141,29 +182,14 @@ def read_hf_params(
 
     for file, name, st_dtype, get in iter_tensors(path, files):
         where = f"tensor {name!r} in {path / file}"
-        canonical = canonical_name(name)
-        if canonical is None:
-            report.skipped[next(p for p in ("mtp.", "model.visual.") if name.startswith(p))] += 1
-            continue
-        targets = targets_for(cfg, canonical)
+        targets = tensor_targets(cfg, name, st_dtype, where, errors, report.skipped)
         if targets is None:
-            errors.append(f"unexpected {where}: no such parameter in this model (config.json)")
-            continue
-        if st_dtype not in FLOAT_DTYPES:
-            errors.append(f"{where} has dtype {st_dtype}; expected a float dtype (BF16/F16/F32)")
             continue
         tensor = get()
-        if tuple(tensor.shape) != targets[0].hf_shape:
-            errors.append(
-                f"{where} has shape {tuple(tensor.shape)} but config.json implies {targets[0].hf_shape}"
-            )
+        claimed = claim_pieces(targets, tuple(tensor.shape), where, pieces, errors)
+        if claimed is None:
             continue
-        for target in targets:
-            have = pieces[target.leaf]
-            if target.piece in have or (have and WHOLE in (target.piece, *have)):
-                errors.append(f"{where} sets {'.'.join(map(str, target.leaf))} a second time")
-                continue
-            pieces[target.leaf].add(target.piece)
+        for target in claimed:
             spec = specs[target.leaf]
             value = target.transform(tensor).astype(spec.dtype)
             if target.index:
