@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 import qwen_jax
-from audit import metrics
+from audit import determinism, metrics
 from audit.records import ReferenceRun, SequenceRecord
 
 
@@ -72,47 +72,21 @@ def run_jax(
     ):
         generated = greedy(model, [prompt.ids], max_new_tokens, stop_token_ids)[0]
         logits, hidden, experts = teacher_forced(model, ref.tokens)
-        again = teacher_forced(model, ref.tokens)[0]
-        bitwise.append((np.array_equal(logits, again), float(np.abs(logits - again).max())))
+        bitwise.append(determinism.run_pair(logits, teacher_forced(model, ref.tokens)[0]))
         position_metrics.append(metrics.per_position_logit_metrics(ref.logits, logits))
         divergences.append(_divergence(ref, generated, logits))
         sequences.append(SequenceRecord(ref.prompt_len, ref.tokens, generated, hidden, experts))
-    determinism = [
-        {
-            "name": "jax run-to-run: teacher-forced logits",
-            "kind": "bitwise",
-            "passed": all(equal for equal, _ in bitwise),
-            "max_abs": max(worst for _, worst in bitwise),
-            "detail": "two runs, same process",
-        }
-    ]
+    checks = [determinism.logits_check("jax", bitwise)]
     again = greedy(model, [reference.prompts[0].ids], max_new_tokens, stop_token_ids)[0]
-    determinism.append(
-        {
-            "name": "jax run-to-run: greedy tokens of prompt 0",
-            "kind": "bitwise",
-            "passed": bool(np.array_equal(again, sequences[0].generated)),
-            "max_abs": None,
-            "detail": "generated twice at batch 1",
-        }
-    )
+    checks.append(determinism.greedy_rerun_check("jax", again, sequences[0].generated))
     batch = None
     if len(reference.prompts) > 1:
         batch = greedy(model, [p.ids for p in reference.prompts], max_new_tokens, stop_token_ids)
-        same = sum(np.array_equal(a, s.generated) for a, s in zip(batch, sequences, strict=True))
-        determinism.append(
-            {
-                "name": f"jax batch 1 vs batch {len(batch)}: greedy tokens",
-                "kind": "tolerance",
-                "passed": same == len(batch),
-                "max_abs": None,
-                "detail": f"{same}/{len(batch)} prompts identical (left padding; not expected to be bitwise)",
-            }
-        )
+        checks.append(determinism.batch_check("jax", batch, [s.generated for s in sequences]))
     return JaxRun(
         sequences=tuple(sequences),
         position_metrics=tuple(position_metrics),
         divergences=tuple(divergences),
-        determinism=tuple(determinism),
+        determinism=tuple(checks),
         batch_outputs=None if batch is None else tuple(tuple(int(t) for t in b) for b in batch),
     )

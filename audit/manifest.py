@@ -3,6 +3,7 @@ template, so that two runs can be checked to be of the same thing (spec: pin the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -37,6 +38,13 @@ ORBAX_MANIFEST = "manifest.json"
 
 
 def checkpoint_digest(directory: Path, progress: bool = False) -> dict[str, str]:
+    """See :func:`_checkpoint_digest`; computed once per directory and process (a live compare hashes the same
+    checkpoint for the reference's contract and the JAX side's: tens of GB at full size)."""
+    return dict(_checkpoint_digest(Path(directory).resolve(), progress))
+
+
+@functools.cache
+def _checkpoint_digest(directory: Path, progress: bool) -> dict[str, str]:
     """sha256 of the safetensors files and config.json of an HF checkpoint dir, by file name. For an Orbax dir
     from ``python -m conversion convert``, the source safetensors' sha256 recorded at conversion time (and its copy
     of config.json), so that a faithful conversion has the same digest as the checkpoint it came from."""

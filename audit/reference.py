@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 from transformers import Qwen3_5MoeForCausalLM
 
-from audit import metrics
+from audit import determinism, metrics
 from audit.manifest import host_info, library_versions
 from audit.records import Prompt, ReferenceRun, SequenceRecord
 
@@ -73,21 +73,6 @@ def router_top(router_logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     return ids.numpy().astype(np.int32), values.numpy()
 
 
-def _bitwise_check(name: str, first: list[np.ndarray], second: list[np.ndarray]) -> dict:
-    equal = all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
-    worst = max(
-        float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0
-        for a, b in zip(first, second, strict=True)
-    )
-    return {
-        "name": name,
-        "kind": "bitwise",
-        "passed": equal,
-        "max_abs": worst,
-        "detail": "two runs, same process",
-    }
-
-
 def calibrate(
     model_fp32, tokens: list[np.ndarray], views: list[metrics.LogitView], hidden: list[np.ndarray], dtype: str
 ):
@@ -120,13 +105,12 @@ def record_reference(
     torch.manual_seed(seed)
     model = load_reference_model(checkpoint, dtype)
     k = model.config.num_experts_per_tok
-    sequences, logits_again, logits_first = [], [], []
+    sequences, bitwise = [], []
     for prompt in tqdm(prompts, desc="reference (torch)", disable=not progress, leave=False):
         generated = greedy(model, [prompt.ids], max_new_tokens, stop_token_ids)[0]
         tokens = np.concatenate([np.asarray(prompt.ids, np.int32), generated])
         logits, hidden, router = teacher_forced(model, tokens)
-        logits_first.append(logits)
-        logits_again.append(teacher_forced(model, tokens)[0])
+        bitwise.append(determinism.run_pair(logits, teacher_forced(model, tokens)[0]))
         ids, probs = router_top(router, k)
         sequences.append(
             SequenceRecord(
@@ -140,31 +124,13 @@ def record_reference(
                 router_probs=probs,
             )
         )
-    determinism = [_bitwise_check("reference run-to-run: teacher-forced logits", logits_first, logits_again)]
+    checks = [determinism.logits_check("reference", bitwise)]
     again = greedy(model, [prompts[0].ids], max_new_tokens, stop_token_ids)[0]
-    determinism.append(
-        {
-            "name": "reference run-to-run: greedy tokens of prompt 0",
-            "kind": "bitwise",
-            "passed": bool(np.array_equal(again, sequences[0].generated)),
-            "max_abs": None,
-            "detail": "generated twice at batch 1",
-        }
-    )
-    batch = (
-        greedy(model, [p.ids for p in prompts], max_new_tokens, stop_token_ids) if len(prompts) > 1 else None
-    )
-    if batch is not None:
-        same = sum(np.array_equal(a, s.generated) for a, s in zip(batch, sequences, strict=True))
-        determinism.append(
-            {
-                "name": f"reference batch 1 vs batch {len(prompts)}: greedy tokens",
-                "kind": "tolerance",
-                "passed": same == len(prompts),
-                "max_abs": None,
-                "detail": f"{same}/{len(prompts)} prompts identical (left padding; not expected to be bitwise)",
-            }
-        )
+    checks.append(determinism.greedy_rerun_check("reference", again, sequences[0].generated))
+    batch = None
+    if len(prompts) > 1:
+        batch = greedy(model, [p.ids for p in prompts], max_new_tokens, stop_token_ids)
+        checks.append(determinism.batch_check("reference", batch, [s.generated for s in sequences]))
     calibration = None
     if dtype != "float32":
         del model
@@ -191,6 +157,6 @@ def record_reference(
         sequences=tuple(sequences),
         manifest=manifest,
         calibration=calibration,
-        determinism=tuple(determinism),
+        determinism=tuple(checks),
         batch_outputs=None if batch is None else tuple(tuple(int(t) for t in b) for b in batch),
     )
