@@ -16,11 +16,12 @@ from safetensors.numpy import load_file, save_file
 
 pytest.importorskip("torch")
 
+from mera_fixtures import FIXTURES
+
 from audit import cli, demo
 from audit.report import validate_report
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).parent / "fixtures" / "mera"
 ALTERED_LAYER = 5  # a DeltaNet layer of the second group
 AUDIT_TIMEOUT = 600
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import tiny_tokenizer
+from mera_fixtures import AGRO, ALL, AQUA, DST_NAMES, MED
 
 from audit.replay import (
     ReplayResult,
@@ -28,16 +29,6 @@ from audit.scoring import ReasoningSplit
 from qwen_jax.chat import apply_chat_template, load_default_chat_template
 from qwen_jax.tokenizer import load_tokenizer
 
-FIXTURES = Path(__file__).parent / "fixtures" / "mera"
-MED = FIXTURES / "samples_med_bench_2026-05-01T10-15-30.123456.jsonl"
-AGRO = FIXTURES / "samples_agro_bench_2026-05-01T11-20-45.654321.jsonl"
-AQUA = FIXTURES / "samples_aqua_bench_2026-05-01T12-00-00.000001.jsonl"
-ALL = {"med_bench": MED, "agro_bench": AGRO, "aqua_bench": AQUA}
-DST_NAMES = {
-    "agro_bench": "ruTXTAgroBench",
-    "aqua_bench": "ruTXTAquaBench",
-    "med_bench": "ruTXTMedQFundamental",
-}
 TEMPLATE = load_default_chat_template()
 CAP = 48  # the max_new_tokens cap of the main replay (the logs say max_gen_toks=10000)
 

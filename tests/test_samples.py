@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from mera_fixtures import AGRO, ALL, AQUA, DST_NAMES, FIXTURES, MED
 
 from audit.samples import (
     LOGS_ZIP_NAME,
@@ -29,17 +30,6 @@ from audit.samples import (
     target_hash,
     task_hash,
 )
-
-FIXTURES = Path(__file__).parent / "fixtures" / "mera"
-MED = FIXTURES / "samples_med_bench_2026-05-01T10-15-30.123456.jsonl"
-AGRO = FIXTURES / "samples_agro_bench_2026-05-01T11-20-45.654321.jsonl"
-AQUA = FIXTURES / "samples_aqua_bench_2026-05-01T12-00-00.000001.jsonl"
-ALL = {"med_bench": MED, "agro_bench": AGRO, "aqua_bench": AQUA}
-DST_NAMES = {
-    "agro_bench": "ruTXTAgroBench",
-    "aqua_bench": "ruTXTAquaBench",
-    "med_bench": "ruTXTMedQFundamental",
-}
 
 
 def sha256(text: str) -> str:

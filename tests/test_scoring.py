@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from mera_fixtures import AGRO, AQUA, MED
 
 from audit.samples import read_samples
 from audit.scoring import (
@@ -36,12 +37,6 @@ from audit.scoring import (
     score_task,
     split_reasoning,
 )
-
-FIXTURES = Path(__file__).parent / "fixtures" / "mera"
-MED = FIXTURES / "samples_med_bench_2026-05-01T10-15-30.123456.jsonl"
-AGRO = FIXTURES / "samples_agro_bench_2026-05-01T11-20-45.654321.jsonl"
-AQUA = FIXTURES / "samples_aqua_bench_2026-05-01T12-00-00.000001.jsonl"
-
 
 # ---------------------------------------------------------------------------------------------------
 # SQuAD normalisation and metrics.
