@@ -1,6 +1,7 @@
 """Gated grouped-query attention (the full-attention layers, one in four).
 
-``q_proj`` produces, per head, ``[q_h | gate_h]`` interleaved; q and k get a zero-centred RMSNorm over head_dim
+One projection ``qkv_proj`` = HF's ``q_proj | k_proj | v_proj`` side by side. Its q part produces, per head,
+``[q_h | gate_h]`` interleaved; q and k get a zero-centred RMSNorm over head_dim
 and partial RoPE; the attention output is multiplied by ``sigmoid(gate)`` before ``o_proj``.
 """
 
@@ -41,9 +42,8 @@ class GatedAttention(nnx.Module):
         init = nnx.initializers.normal(0.02)
         h, d = cfg.hidden_size, cfg.head_dim
         self.cfg = cfg
-        self.q_proj = nnx.Param(init(rngs.params(), (h, cfg.num_attention_heads * 2 * d), dtype))
-        self.k_proj = nnx.Param(init(rngs.params(), (h, cfg.num_key_value_heads * d), dtype))
-        self.v_proj = nnx.Param(init(rngs.params(), (h, cfg.num_key_value_heads * d), dtype))
+        qkv_width = (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2) * d  # q and gate | k | v
+        self.qkv_proj = nnx.Param(init(rngs.params(), (h, qkv_width), dtype))
         self.o_proj = nnx.Param(init(rngs.params(), (cfg.num_attention_heads * d, h), dtype))
         self.q_norm = nnx.Param(jnp.zeros((d,), dtype))
         self.k_norm = nnx.Param(jnp.zeros((d,), dtype))
@@ -53,11 +53,13 @@ class GatedAttention(nnx.Module):
         cfg = self.cfg
         b, length, _ = x.shape
         d, eps = cfg.head_dim, cfg.rms_norm_eps
-        q_and_gate = dense(x, self.q_proj[...]).reshape(b, length, cfg.num_attention_heads, 2 * d)
+        q_width, kv_width = cfg.num_attention_heads * 2 * d, cfg.num_key_value_heads * d
+        q_and_gate, k, v = jnp.split(dense(x, self.qkv_proj[...]), (q_width, q_width + kv_width), axis=-1)
+        q_and_gate = q_and_gate.reshape(b, length, cfg.num_attention_heads, 2 * d)
         q, gate = q_and_gate[..., :d], q_and_gate[..., d:]
         q = rms_norm(q, self.q_norm[...], eps)
-        k = rms_norm(dense(x, self.k_proj[...]).reshape(b, length, -1, d), self.k_norm[...], eps)
-        v = dense(x, self.v_proj[...]).reshape(b, length, -1, d)
+        k = rms_norm(k.reshape(b, length, -1, d), self.k_norm[...], eps)
+        v = v.reshape(b, length, -1, d)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, gate.reshape(b, length, -1)
 
     def output(self, attn: jax.Array, gate: jax.Array) -> jax.Array:

@@ -30,7 +30,8 @@ from qwen_jax.loading import CheckpointError
 from qwen_jax.model import Qwen35MoeForCausalLM, resolve_dtype
 
 FORMAT = "qwen-jax-orbax-per-leaf"
-FORMAT_VERSION = 1
+#: 2: the projections that read the same input are one leaf each (``in_proj``, ``qkv_proj``, ``shared_gate_up``).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 PARAMS_DIR = "params"
 VALUE_KEY = "value"
@@ -61,7 +62,10 @@ def read_manifest(ckpt_dir: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} manifest")
     if manifest.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {manifest.get('version')} (expected {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{path}: format version {manifest.get('version')}, this qwen_jax reads version {FORMAT_VERSION}; "
+            "convert the Hugging Face checkpoint again (python -m conversion convert)"
+        )
     return manifest
 
 

@@ -1,9 +1,12 @@
 """The Hugging Face checkpoint layout and how each tensor maps onto the JAX parameter tree.
 
 One table of regex rules: an HF tensor name -> the JAX leaf (or the part of a leaf) it fills and the numpy transform
-that gets it there (a view: transforms only move data). JAX kernels are [in, out] (HF stores [out, in]); HF's fused ``in_proj_qkv``/``conv1d`` are split
-into q/k/v leaves; experts are [expert, in, out]. Both expert layouts are accepted: fused 3-D
-(``mlp.experts.gate_up_proj``/``down_proj``) and per-expert (``mlp.experts.E.{gate,up,down}_proj.weight``).
+that gets it there (a view: transforms only move data). JAX kernels are [in, out] (HF stores [out, in]); experts are
+[expert, in, out]. Projections that read the same input are one leaf, so that a decode step reads them in one
+matmul: the DeltaNet's ``in_proj`` is HF's ``in_proj_qkv | in_proj_z | in_proj_b | in_proj_a`` side by side, the
+attention's ``qkv_proj`` is ``q_proj | k_proj | v_proj``, the shared expert's ``shared_gate_up`` is
+``gate_proj | up_proj``. Both expert layouts are accepted: fused 3-D (``mlp.experts.gate_up_proj``/``down_proj``)
+and per-expert (``mlp.experts.E.{gate,up,down}_proj.weight``).
 """
 
 from __future__ import annotations
@@ -57,16 +60,23 @@ def _identity(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _rows(start: int, stop: int, then: Transform = _t) -> Transform:
-    return lambda x: then(x[start:stop])
-
-
-def _conv_rows(start: int, stop: int) -> Transform:
-    return lambda x: x[start:stop, 0, :].T  # [C, 1, K] -> [K, c]
+def _conv(x: np.ndarray) -> np.ndarray:
+    return x[:, 0, :].T  # [C, 1, K] -> [K, C]
 
 
 def _swap_last(x: np.ndarray) -> np.ndarray:
     return np.swapaxes(x, -1, -2)
+
+
+def _side_by_side(leaf: LeafPath, parts: dict[str, tuple[int, ...]]) -> dict[str, Target]:
+    """Targets that put HF [out, in] matrices side by side as column blocks of one [in, sum(out)] leaf, in
+    ``parts`` order (part name -> HF shape)."""
+    targets, start = {}, 0
+    for name, shape in parts.items():
+        columns = slice(start, start + shape[0])
+        targets[name] = Target(leaf, shape, _t, index=(slice(None), columns), piece=name)
+        start += shape[0]
+    return targets
 
 
 def _layer_rules(cfg: ModelConfig, i: int) -> dict[str, list[Target]]:
@@ -81,28 +91,25 @@ def _layer_rules(cfg: ModelConfig, i: int) -> dict[str, list[Target]]:
         "mlp.gate.weight": [Target((*layer, "mlp", "router"), (e, h), _t)],
         "mlp.experts.gate_up_proj": [Target((*layer, "mlp", "gate_up"), (e, 2 * inter, h), _swap_last)],
         "mlp.experts.down_proj": [Target((*layer, "mlp", "down"), (e, h, inter), _swap_last)],
-        "mlp.shared_expert.gate_proj.weight": [Target((*layer, "mlp", "shared_gate_proj"), (shared, h), _t)],
-        "mlp.shared_expert.up_proj.weight": [Target((*layer, "mlp", "shared_up_proj"), (shared, h), _t)],
+        **{
+            f"mlp.shared_expert.{name}.weight": [target]
+            for name, target in _side_by_side(
+                (*layer, "mlp", "shared_gate_up"), {"gate_proj": (shared, h), "up_proj": (shared, h)}
+            ).items()
+        },
         "mlp.shared_expert.down_proj.weight": [Target((*layer, "mlp", "shared_down_proj"), (h, shared), _t)],
         "mlp.shared_expert_gate.weight": [Target((*layer, "mlp", "shared_expert_gate"), (1, h), _t)],
     }
     if cfg.layer_types[i] == "linear_attention":
         mixer = (*layer, "linear_attn")
-        kd, vd, hv = cfg.linear_key_dim, cfg.linear_value_dim, cfg.linear_num_value_heads
+        vd, hv = cfg.linear_value_dim, cfg.linear_num_value_heads
         conv, kernel = cfg.linear_conv_dim, cfg.linear_conv_kernel_dim
-        bounds = {"q": (0, kd), "k": (kd, 2 * kd), "v": (2 * kd, conv)}
+        in_proj = _side_by_side(
+            (*mixer, "in_proj"), {"qkv": (conv, h), "z": (vd, h), "b": (hv, h), "a": (hv, h)}
+        )
+        rules |= {f"linear_attn.in_proj_{name}.weight": [target] for name, target in in_proj.items()}
         rules |= {
-            "linear_attn.in_proj_qkv.weight": [
-                Target((*mixer, f"in_proj_{n}"), (conv, h), _rows(a, b), piece=n)
-                for n, (a, b) in bounds.items()
-            ],
-            "linear_attn.conv1d.weight": [
-                Target((*mixer, f"conv_{n}"), (conv, 1, kernel), _conv_rows(a, b), piece=n)
-                for n, (a, b) in bounds.items()
-            ],
-            "linear_attn.in_proj_z.weight": [Target((*mixer, "in_proj_z"), (vd, h), _t)],
-            "linear_attn.in_proj_b.weight": [Target((*mixer, "in_proj_b"), (hv, h), _t)],
-            "linear_attn.in_proj_a.weight": [Target((*mixer, "in_proj_a"), (hv, h), _t)],
+            "linear_attn.conv1d.weight": [Target((*mixer, "conv"), (conv, 1, kernel), _conv)],
             "linear_attn.dt_bias": [Target((*mixer, "dt_bias"), (hv,), _identity)],
             "linear_attn.A_log": [Target((*mixer, "A_log"), (hv,), _identity)],
             "linear_attn.norm.weight": [Target((*mixer, "norm"), (cfg.linear_value_head_dim,), _identity)],
@@ -111,10 +118,11 @@ def _layer_rules(cfg: ModelConfig, i: int) -> dict[str, list[Target]]:
     else:
         mixer = (*layer, "self_attn")
         nq, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv_proj = _side_by_side(
+            (*mixer, "qkv_proj"), {"q": (nq * 2 * d, h), "k": (nkv * d, h), "v": (nkv * d, h)}
+        )
+        rules |= {f"self_attn.{name}_proj.weight": [target] for name, target in qkv_proj.items()}
         rules |= {
-            "self_attn.q_proj.weight": [Target((*mixer, "q_proj"), (nq * 2 * d, h), _t)],
-            "self_attn.k_proj.weight": [Target((*mixer, "k_proj"), (nkv * d, h), _t)],
-            "self_attn.v_proj.weight": [Target((*mixer, "v_proj"), (nkv * d, h), _t)],
             "self_attn.o_proj.weight": [Target((*mixer, "o_proj"), (h, nq * d), _t)],
             "self_attn.q_norm.weight": [Target((*mixer, "q_norm"), (d,), _identity)],
             "self_attn.k_norm.weight": [Target((*mixer, "k_norm"), (d,), _identity)],
@@ -158,12 +166,22 @@ def targets_for(cfg: ModelConfig, name: str) -> list[Target] | None:
     return _layer_rules(cfg, i).get(rest)
 
 
+def side_by_side_parts(cfg: ModelConfig, leaf: LeafPath) -> set[str]:
+    """The part names of a side-by-side leaf (e.g. ``{"qkv", "z", "b", "a"}`` for ``in_proj``); empty for others."""
+    if leaf[0] != "layers":
+        return set()
+    rules = _layer_rules(cfg, leaf[1]).values()
+    return {t.piece for targets in rules for t in targets if t.leaf == leaf and isinstance(t.piece, str)} - {
+        WHOLE
+    }
+
+
 def pieces_complete(cfg: ModelConfig, leaf: LeafPath, pieces: set) -> bool:
-    """Whether the pieces set for a leaf fill it exactly once: one whole tensor (or one q/k/v slice of a fused
-    one), or every expert's parts with nothing else."""
+    """Whether the pieces set for a leaf fill it exactly once: one whole tensor, every part of a side-by-side
+    leaf, or every expert's parts with nothing else."""
     per_expert = {p for p in pieces if isinstance(p, tuple)}
     if not per_expert:
-        return len(pieces) == 1
+        return pieces == (side_by_side_parts(cfg, leaf) or {WHOLE})
     parts = ("down_proj",) if leaf[-1] == "down" else ("gate_proj", "up_proj")
     return pieces == {(e, w) for e in range(cfg.num_experts) for w in parts}
 

@@ -27,6 +27,7 @@ from qwen_jax.hf_layout import (
     LeafPath,
     canonical_name,
     pieces_complete,
+    side_by_side_parts,
     targets_for,
 )
 from qwen_jax.model import Qwen35MoeForCausalLM, resolve_dtype
@@ -98,7 +99,11 @@ def incomplete_leaves(cfg: ModelConfig, pieces: dict, path: Path) -> list[str]:
     problems = []
     for leaf, got in pieces.items():
         if not pieces_complete(cfg, leaf, got):
-            state = "is missing" if not got else f"is only partly set ({len(got)} pieces)"
+            lacking = sorted(side_by_side_parts(cfg, leaf) - got) if got else []
+            if lacking:
+                state = f"is only partly set (no {', '.join(lacking)} part)"
+            else:
+                state = "is missing" if not got else f"is only partly set ({len(got)} pieces)"
             problems.append(f"parameter {'.'.join(map(str, leaf))} {state} in checkpoint {path}")
     return problems
 

@@ -1,7 +1,8 @@
 """The sparse MoE block: fp32 softmax router with renormalised top-k, SwiGLU experts, and a gated shared expert.
 
 Expert weights are stored fused as in the checkpoint, in [expert, in, out] layout: ``gate_up`` [E, hidden, 2I]
-(columns :I gate, I: up) and ``down`` [E, I, hidden].
+(columns :I gate, I: up) and ``down`` [E, I, hidden]. The shared expert's gate and up projections are one
+``shared_gate_up`` [hidden, 2S] in the same column order.
 
 The experts are computed by ``expert_ffn(x_sorted, group_sizes, gate_up, down)`` on rows sorted by expert, with
 interchangeable backends: ``dense`` (a one-hot reference that runs every expert on every row), ``ragged``
@@ -79,30 +80,34 @@ def gather_expert_ffn(x_sorted, group_sizes, gate_up, down):
 
 
 def blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block: int = 32):
-    """A grouped matmul as a loop over ``block``-row blocks: each expert's rows are padded to whole blocks, and
-    each block multiplies its own expert's weights (sliced in the loop, never gathered). The loop runs only over
-    the blocks in use, so it costs the routed FLOPs plus under one block of padding per expert, where XLA:CPU's
-    ``ragged_dot`` runs every expert on every row."""
+    """A grouped matmul as two loops: over the experts, and within each over ``block``-row blocks of its rows.
+
+    Each expert's weights are sliced once (XLA:CPU copies a dynamic slice, so slicing them per block would copy
+    them again for every block), and each block is one [block, hidden] matmul. A block that runs past its
+    expert's rows computes them too but keeps only its own. The cost is the routed FLOPs plus under one block per
+    expert, where XLA:CPU's ``ragged_dot`` runs every expert on every row.
+    """
     n_rows, n_experts = x_sorted.shape[0], gate_up.shape[0]
-    n_blocks = -(-n_rows // block) + n_experts  # static upper bound
-    padded = -(-group_sizes // block) * block
-    padded_end = jnp.cumsum(padded)
-    start = jnp.cumsum(group_sizes) - group_sizes
-    experts = _row_experts(group_sizes, n_rows)
-    destination = padded_end[experts] - padded[experts] + jnp.arange(n_rows) - start[experts]
-    x_blocks = jnp.zeros((n_blocks * block, x_sorted.shape[1]), x_sorted.dtype).at[destination].set(x_sorted)
-    block_start = jnp.arange(n_blocks) * block
-    block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_start, side="right"), n_experts - 1)
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    rows_padded = jnp.concatenate([x_sorted, jnp.zeros((block, x_sorted.shape[1]), x_sorted.dtype)])
 
-    def one_block(i, out):
-        rows = jax.lax.dynamic_slice_in_dim(x_blocks, i * block, block)
-        expert = block_expert[i]
-        h = jnp.matmul(rows, gate_up[expert], preferred_element_type=F32).astype(rows.dtype)
-        y = jnp.matmul(_split_gate_up(h), down[expert], preferred_element_type=F32).astype(rows.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(out, y, i * block, 0)
+    def one_expert(expert, out):
+        expert_gate_up, expert_down = gate_up[expert], down[expert]
+        size, start = group_sizes[expert], starts[expert]
 
-    out = _varying_like(jnp.zeros((n_blocks * block, down.shape[-1]), x_sorted.dtype), down)
-    return jax.lax.fori_loop(0, padded_end[-1] // block, one_block, out)[destination]
+        def one_block(i, out):
+            first = start + i * block
+            rows = jax.lax.dynamic_slice_in_dim(rows_padded, first, block)
+            h = jnp.matmul(rows, expert_gate_up, preferred_element_type=F32).astype(rows.dtype)
+            y = jnp.matmul(_split_gate_up(h), expert_down, preferred_element_type=F32).astype(rows.dtype)
+            mine = (i * block + jnp.arange(block) < size)[:, None]
+            y = jnp.where(mine, y, jax.lax.dynamic_slice_in_dim(out, first, block))
+            return jax.lax.dynamic_update_slice_in_dim(out, y, first, 0)
+
+        return jax.lax.fori_loop(0, -(-size // block), one_block, out)
+
+    out = _varying_like(jnp.zeros((n_rows + block, down.shape[-1]), x_sorted.dtype), down)
+    return jax.lax.fori_loop(0, n_experts, one_expert, out)[:n_rows]
 
 
 def _varying_like(x: jax.Array, reference: jax.Array) -> jax.Array:
@@ -194,13 +199,12 @@ class SparseMoe(nnx.Module):
         self.router = nnx.Param(init(rngs.params(), (h, e), dtype))
         self.gate_up = nnx.Param(init(rngs.params(), (e, h, 2 * inter), dtype))
         self.down = nnx.Param(init(rngs.params(), (e, inter, h), dtype))
-        self.shared_gate_proj = nnx.Param(init(rngs.params(), (h, shared), dtype))
-        self.shared_up_proj = nnx.Param(init(rngs.params(), (h, shared), dtype))
+        self.shared_gate_up = nnx.Param(init(rngs.params(), (h, 2 * shared), dtype))  # gate | up
         self.shared_down_proj = nnx.Param(init(rngs.params(), (shared, h), dtype))
         self.shared_expert_gate = nnx.Param(init(rngs.params(), (h, 1), dtype))
 
     def shared_expert(self, x: jax.Array) -> jax.Array:
-        hidden = swiglu(dense(x, self.shared_gate_proj[...]), dense(x, self.shared_up_proj[...]))
+        hidden = _split_gate_up(dense(x, self.shared_gate_up[...]))
         out = dense(hidden, self.shared_down_proj[...])
         return (sigmoid(dense(x, self.shared_expert_gate[...])) * out).astype(x.dtype)
 

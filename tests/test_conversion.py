@@ -155,7 +155,7 @@ def test_verify_catches_a_tampered_orbax_leaf(hf_dir, converted, tmp_path, capsy
 
     copy = tmp_path / "orbax"
     shutil.copytree(converted, copy)
-    leaf = copy / "params" / "layers.2.linear_attn.in_proj_k"
+    leaf = copy / "params" / "layers.2.linear_attn.in_proj"
     value = qwen_jax.checkpoint.restore_leaf(leaf).copy()
     value[0, 0] = -value[0, 0] if value[0, 0] else 1
     shutil.rmtree(leaf)
@@ -163,7 +163,7 @@ def test_verify_catches_a_tampered_orbax_leaf(hf_dir, converted, tmp_path, capsy
     capsys.readouterr()
     assert main(["verify", "--hf", str(hf_dir), "--ckpt", str(copy), "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "leaf layers.2.linear_attn.in_proj_k differs" in err
+    assert "leaf layers.2.linear_attn.in_proj differs" in err
     assert "'model.layers.2.linear_attn.in_proj_qkv.weight'" in err
 
 
@@ -171,11 +171,19 @@ def test_bad_input_is_one_line_and_exit_2(hf_dir, converted, tmp_path, capsys):
     not_ours = tmp_path / "not_ours"
     not_ours.mkdir()
     (not_ours / "keep.txt").write_text("x")
+    old_version = tmp_path / "old_version"  # a conversion made before the side-by-side projections
+    old_version.mkdir()
+    manifest = json.loads((converted / qwen_jax.checkpoint.MANIFEST).read_text()) | {"version": 1}
+    (old_version / qwen_jax.checkpoint.MANIFEST).write_text(json.dumps(manifest))
     cases = [
         (["convert", "--hf", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "missing"),
         (["convert", "--hf", str(tmp_path), "--out", str(tmp_path / "o")], "no model.safetensors"),
         (["convert", "--hf", str(hf_dir), "--out", str(not_ours)], "not a converted checkpoint"),
         (["verify", "--hf", str(hf_dir), "--ckpt", str(not_ours)], "not a converted checkpoint"),
+        (
+            ["verify", "--hf", str(hf_dir), "--ckpt", str(old_version)],
+            "convert the Hugging Face checkpoint again",
+        ),
         (["plan", "--mesh", "ep=3"], "ep=3 does not divide num_experts=256"),
         (["plan", "--mesh", "tp=8"], "expected axis=size pairs"),
     ]

@@ -47,12 +47,16 @@ def test_every_shape_equals_the_checkpoint_layout():
     }
     for name, shape in spot.items():
         assert layout[name] == shape, name
-    covered = set()
+    columns_set = {}  # how often each column of a side-by-side leaf is set
     for name, shape in layout.items():
         canonical = name.removeprefix("model.language_model.")
         for target in targets_for(cfg, canonical):
             assert target.hf_shape == shape
             out = target.transform(np.broadcast_to(np.int8(0), shape))  # a zero-stride stand-in of that shape
-            assert out.shape == leaves[target.leaf].shape, (name, target.leaf)
-            covered.add(target.leaf)
-    assert covered == set(leaves)
+            leaf = np.broadcast_to(np.int8(0), leaves[target.leaf].shape)
+            assert out.shape == leaf[target.index].shape, (name, target.leaf)
+            count = columns_set.setdefault(target.leaf, np.zeros(leaf.shape[-1], int))
+            count[np.arange(leaf.shape[-1])[target.index[-1] if target.index else slice(None)]] += 1
+    assert set(columns_set) == set(leaves)
+    for leaf, count in columns_set.items():
+        assert (count == 1).all(), leaf  # the parts of a side-by-side leaf tile it exactly once

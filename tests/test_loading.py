@@ -133,6 +133,12 @@ def test_missing_tensor(ckpt, tmp_path):
     expect_error(ckpt, tmp_path, tensors, "layers.2.linear_attn.A_log is missing")
 
 
+def test_missing_part_of_a_side_by_side_leaf(ckpt, tmp_path):
+    tensors = read_fp32_tensors(ckpt)
+    del tensors["model.layers.2.linear_attn.in_proj_z.weight"]
+    expect_error(ckpt, tmp_path, tensors, "layers.2.linear_attn.in_proj is only partly set (no z part)")
+
+
 def test_wrong_shape(ckpt, tmp_path):
     tensors = read_fp32_tensors(ckpt)
     tensors["model.layers.3.self_attn.k_proj.weight"] = np.zeros((3, 64), np.float32)
