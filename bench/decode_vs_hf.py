@@ -6,6 +6,10 @@ Config (issue 3): hidden 512, 8 layers (3:1 DeltaNet:attention), 32 experts top-
 its own subprocess, so that peak RSS is per side. Also prints decode throughput as a fraction of this machine's
 memory-bandwidth roofline: the bytes of weights one decode step must read (embedding row, lm_head, every non-expert
 weight, the top-k routed experts and the shared expert of each layer), over a read bandwidth measured in this run.
+
+Each side runs ``--repeats`` times (speeds: the best run of each phase). On a shared machine the bandwidth varies
+from minute to minute, so the JAX side measures it right before each of its runs, and the fraction of the roofline
+is the median over its runs of (that run's decode speed) / (the bandwidth measured just before it).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -50,7 +55,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_hf(path: str, n_prompt: int, n_new: int, dtype: str, out) -> None:
+def run_hf(path: str, n_prompt: int, n_new: int, dtype: str, repeats: int, out) -> None:
     import torch
     from transformers import Qwen3_5MoeForCausalLM
 
@@ -61,18 +66,19 @@ def run_hf(path: str, n_prompt: int, n_new: int, dtype: str, out) -> None:
     kwargs = dict(do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0)
     with torch.no_grad():
         model(ids[:, :64])  # warm-up
-        prefill = float("inf")
-        for _ in range(3):  # best of 3, as on the JAX side
+        prefill, decode = float("inf"), float("inf")
+        for _ in range(repeats):  # best of each phase, as on the JAX side
             t = time.perf_counter()
             model(ids, use_cache=False)
-            prefill = min(prefill, time.perf_counter() - t)
-        t = time.perf_counter()
-        tokens = model.generate(ids, **kwargs)[0, n_prompt:].tolist()
-        total = time.perf_counter() - t
-    out.put(dict(prefill_s=prefill, decode_s=total - prefill, tokens=tokens, peak_rss_mb=peak_rss_mb()))
+            this_prefill = time.perf_counter() - t
+            t = time.perf_counter()
+            tokens = model.generate(ids, **kwargs)[0, n_prompt:].tolist()
+            decode = min(decode, time.perf_counter() - t - this_prefill)  # generate = a prefill, then decode
+            prefill = min(prefill, this_prefill)
+    out.put(dict(prefill_s=prefill, decode_s=decode, tokens=tokens, peak_rss_mb=peak_rss_mb()))
 
 
-def run_jax(path: str, n_prompt: int, n_new: int, dtype: str, out) -> None:
+def run_jax(path: str, n_prompt: int, n_new: int, dtype: str, repeats: int, out) -> None:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -101,28 +107,38 @@ def run_jax(path: str, n_prompt: int, n_new: int, dtype: str, out) -> None:
     t = time.perf_counter()
     once()
     compile_s = time.perf_counter() - t
-    runs = [once() for _ in range(3)]
-    prefill = min(r[0] for r in runs)  # best of 3 for each phase
+    peak_rss = peak_rss_mb()  # the model's own peak, before the bandwidth probe allocates its array
+    read_bandwidth = bandwidth_probe()
+    runs = []
+    for _ in range(repeats):
+        bandwidth = read_bandwidth()
+        runs.append((*once(), bandwidth))
+    prefill = min(r[0] for r in runs)  # best run of each phase
     decode, tokens = min(r[1] for r in runs), runs[0][2]
-    bandwidth = measure_read_bandwidth()
     out.put(dict(prefill_s=prefill, decode_s=decode, tokens=tokens[0, :n_new].tolist(), compile_s=compile_s,
-                 peak_rss_mb=peak_rss_mb(), bandwidth_gbs=bandwidth))  # fmt: skip
+                 peak_rss_mb=peak_rss, decode_runs_s=[r[1] for r in runs],
+                 bandwidth_runs_gbs=[r[3] for r in runs]))  # fmt: skip
 
 
-def measure_read_bandwidth(n_bytes: int = 1 << 29) -> float:
-    """GB/s of a jitted sum over a large fp32 array (a read-only stream), best of 5."""
+def bandwidth_probe(n_bytes: int = 1 << 28):
+    """A function that measures the read bandwidth in GB/s: a jitted sum over an fp32 array 8x this machine's L3
+    (a read-only stream), best of 5 passes."""
     import jax
     import jax.numpy as jnp
 
     x = jnp.ones((n_bytes // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        total(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return n_bytes / best / 1e9
+
+    def measure() -> float:
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            total(x).block_until_ready()
+            best = min(best, time.perf_counter() - t)
+        return n_bytes / best / 1e9
+
+    return measure
 
 
 def decode_step_bytes(bytes_per_param: int) -> int:
@@ -166,25 +182,32 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each side (speeds: the best run)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         build_checkpoint(Path(tmp))
-        hf = in_subprocess(run_hf, tmp, args.prompt, args.new, args.dtype)
-        jx = in_subprocess(run_jax, tmp, args.prompt, args.new, args.dtype)
+        hf = in_subprocess(run_hf, tmp, args.prompt, args.new, args.dtype, args.repeats)
+        jx = in_subprocess(run_jax, tmp, args.prompt, args.new, args.dtype, args.repeats)
     decode_tps = {"hf": (args.new - 1) / hf["decode_s"], "jax": args.new / jx["decode_s"]}
     prefill_tps = {"hf": args.prompt / hf["prefill_s"], "jax": args.prompt / jx["prefill_s"]}
     step_bytes = decode_step_bytes(4 if args.dtype == "float32" else 2)
-    roofline_tps = jx["bandwidth_gbs"] * 1e9 / step_bytes
+    bandwidths = jx["bandwidth_runs_gbs"]
+    roofline_tps = statistics.median(bandwidths) * 1e9 / step_bytes
+    fractions = [  # each JAX run against the bandwidth measured just before it
+        args.new / decode_s / (bandwidth * 1e9 / step_bytes)
+        for decode_s, bandwidth in zip(jx["decode_runs_s"], bandwidths, strict=True)
+    ]
     same = sum(a == b for a, b in zip(hf["tokens"], jx["tokens"], strict=False))
     results = dict(
         config=BENCH_CONFIG, dtype=args.dtype, prompt=args.prompt, new_tokens=args.new,
         decode_tokens_per_s=decode_tps, prefill_tokens_per_s=prefill_tps,
         decode_ratio=decode_tps["jax"] / decode_tps["hf"], prefill_ratio=prefill_tps["jax"] / prefill_tps["hf"],
         peak_rss_mb={"hf": hf["peak_rss_mb"], "jax": jx["peak_rss_mb"]}, jax_compile_s=jx["compile_s"],
-        decode_step_bytes=step_bytes, read_bandwidth_gbs=jx["bandwidth_gbs"], roofline_tokens_per_s=roofline_tps,
-        jax_decode_fraction_of_roofline=decode_tps["jax"] / roofline_tps,
-        hf_decode_fraction_of_roofline=decode_tps["hf"] / roofline_tps,
+        decode_step_bytes=step_bytes, read_bandwidth_gbs=statistics.median(bandwidths),
+        read_bandwidth_runs_gbs=bandwidths, roofline_tokens_per_s=roofline_tps,
+        jax_decode_fraction_of_roofline=statistics.median(fractions), jax_decode_fraction_of_roofline_runs=fractions,
+        hf_decode_fraction_of_roofline=decode_tps["hf"] / roofline_tps, repeats=args.repeats,
         greedy_tokens_equal=f"{same}/{args.new}",
     )  # fmt: skip
     print(
@@ -194,8 +217,11 @@ def main() -> int:
         f"prefill tok/s: JAX {prefill_tps['jax']:.0f}  HF {prefill_tps['hf']:.0f}  ratio {results['prefill_ratio']:.2f}x"
     )
     print(
-        f"roofline: {step_bytes / 1e6:.0f} MB/step at {jx['bandwidth_gbs']:.1f} GB/s = {roofline_tps:.0f} tok/s; "
-        f"JAX {results['jax_decode_fraction_of_roofline']:.0%}, HF {results['hf_decode_fraction_of_roofline']:.0%}"
+        f"roofline: {step_bytes / 1e6:.0f} MB/step at {statistics.median(bandwidths):.1f} GB/s (median; "
+        f"{min(bandwidths):.1f}-{max(bandwidths):.1f}) = {roofline_tps:.0f} tok/s; "
+        f"JAX {results['jax_decode_fraction_of_roofline']:.0%} (median of {args.repeats} runs, each against the "
+        f"bandwidth just before it: {min(fractions):.0%}-{max(fractions):.0%}), "
+        f"HF {results['hf_decode_fraction_of_roofline']:.0%}"
     )
     print(f"peak RSS MB: JAX {jx['peak_rss_mb']:.0f}  HF {hf['peak_rss_mb']:.0f}; JAX compile {jx['compile_s']:.1f}s; "
           f"greedy tokens equal {same}/{args.new}")  # fmt: skip
