@@ -1,6 +1,6 @@
 """Greedy decode and prefill speed of the JAX model against HF transformers, on this CPU, same weights.
 
-    python bench/decode_vs_hf.py [--prompt 512] [--new 128] [--dtype float32]
+    python bench/decode_vs_hf.py [--prompt 512] [--new 128] [--dtype float32] [--repeats 5] [--json OUT]
 
 Config (issue 3): hidden 512, 8 layers (3:1 DeltaNet:attention), 32 experts top-4, vocab 32k. Each side runs in
 its own subprocess, so that peak RSS is per side. Also prints decode throughput as a fraction of this machine's
