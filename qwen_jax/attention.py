@@ -13,7 +13,7 @@ from flax import nnx
 
 from qwen_jax.config import ModelConfig
 from qwen_jax.norms import rms_norm
-from qwen_jax.ops import F32, dense, sigmoid
+from qwen_jax.ops import F32, dense, sigmoid, split_columns
 from qwen_jax.rope import apply_rope
 
 MASKED = jnp.finfo(F32).min
@@ -42,8 +42,7 @@ class GatedAttention(nnx.Module):
         init = nnx.initializers.normal(0.02)
         h, d = cfg.hidden_size, cfg.head_dim
         self.cfg = cfg
-        qkv_width = (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2) * d  # q and gate | k | v
-        self.qkv_proj = nnx.Param(init(rngs.params(), (h, qkv_width), dtype))
+        self.qkv_proj = nnx.Param(init(rngs.params(), (h, sum(cfg.attention_qkv_widths.values())), dtype))
         self.o_proj = nnx.Param(init(rngs.params(), (cfg.num_attention_heads * d, h), dtype))
         self.q_norm = nnx.Param(jnp.zeros((d,), dtype))
         self.k_norm = nnx.Param(jnp.zeros((d,), dtype))
@@ -53,8 +52,7 @@ class GatedAttention(nnx.Module):
         cfg = self.cfg
         b, length, _ = x.shape
         d, eps = cfg.head_dim, cfg.rms_norm_eps
-        q_width, kv_width = cfg.num_attention_heads * 2 * d, cfg.num_key_value_heads * d
-        q_and_gate, k, v = jnp.split(dense(x, self.qkv_proj[...]), (q_width, q_width + kv_width), axis=-1)
+        q_and_gate, k, v = split_columns(dense(x, self.qkv_proj[...]), cfg.attention_qkv_widths)
         q_and_gate = q_and_gate.reshape(b, length, cfg.num_attention_heads, 2 * d)
         q, gate = q_and_gate[..., :d], q_and_gate[..., d:]
         q = rms_norm(q, self.q_norm[...], eps)

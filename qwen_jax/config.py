@@ -89,6 +89,18 @@ class ModelConfig:
         return 2 * self.linear_key_dim + self.linear_value_dim
 
     @property
+    def linear_in_proj_widths(self) -> dict[str, int]:
+        """The column blocks of the DeltaNet's ``in_proj``, in order: HF's ``in_proj_{qkv,z,b,a}``."""
+        hv = self.linear_num_value_heads
+        return {"qkv": self.linear_conv_dim, "z": self.linear_value_dim, "b": hv, "a": hv}
+
+    @property
+    def attention_qkv_widths(self) -> dict[str, int]:
+        """The column blocks of the attention's ``qkv_proj``, in order: HF's ``{q,k,v}_proj`` (q with its gate)."""
+        kv = self.num_key_value_heads * self.head_dim
+        return {"q": self.num_attention_heads * 2 * self.head_dim, "k": kv, "v": kv}
+
+    @property
     def full_attention_layers(self) -> tuple[int, ...]:
         return tuple(i for i, t in enumerate(self.layer_types) if t == "full_attention")
 

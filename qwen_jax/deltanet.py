@@ -16,7 +16,7 @@ from flax import nnx
 from qwen_jax.config import ModelConfig
 from qwen_jax.delta_rule import chunked_delta_rule, delta_rule_step
 from qwen_jax.norms import gated_rms_norm
-from qwen_jax.ops import F32, dense, sigmoid, silu, torch_softplus
+from qwen_jax.ops import F32, dense, sigmoid, silu, split_columns, torch_softplus
 
 
 def causal_conv(x: jax.Array, weight: jax.Array, history: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -40,9 +40,9 @@ def l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 class GatedDeltaNet(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
-        h, kernel, hv = cfg.hidden_size, cfg.linear_conv_kernel_dim, cfg.linear_num_value_heads
+        h, kernel = cfg.hidden_size, cfg.linear_conv_kernel_dim
         self.cfg = cfg
-        in_width = cfg.linear_conv_dim + cfg.linear_value_dim + 2 * hv  # q | k | v | z | b | a
+        in_width = sum(cfg.linear_in_proj_widths.values())
         self.in_proj = nnx.Param(init(rngs.params(), (h, in_width), dtype))
         self.conv = nnx.Param(init(rngs.params(), (kernel, cfg.linear_conv_dim), dtype))
         self.dt_bias = nnx.Param(jnp.ones((cfg.linear_num_value_heads,), dtype))
@@ -72,9 +72,8 @@ class GatedDeltaNet(nnx.Module):
             conv_history = jnp.zeros((b, cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim), x.dtype)
         hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-        kd, conv_dim, vd = cfg.linear_key_dim, cfg.linear_conv_dim, cfg.linear_value_dim
-        bounds = (conv_dim, conv_dim + vd, conv_dim + vd + hv)
-        qkv, z, beta_logits, a = jnp.split(dense(x, self.in_proj[...]), bounds, axis=-1)
+        kd = cfg.linear_key_dim
+        qkv, z, beta_logits, a = split_columns(dense(x, self.in_proj[...]), cfg.linear_in_proj_widths)
         mixed, new_history = causal_conv(qkv, self.conv[...], conv_history)
         q = mixed[..., :kd].reshape(b, length, hk, dk)
         k = mixed[..., kd : 2 * kd].reshape(b, length, hk, dk)

@@ -68,14 +68,14 @@ def _swap_last(x: np.ndarray) -> np.ndarray:
     return np.swapaxes(x, -1, -2)
 
 
-def _side_by_side(leaf: LeafPath, parts: dict[str, tuple[int, ...]]) -> dict[str, Target]:
-    """Targets that put HF [out, in] matrices side by side as column blocks of one [in, sum(out)] leaf, in
-    ``parts`` order (part name -> HF shape)."""
+def _side_by_side(leaf: LeafPath, widths: dict[str, int], hidden: int) -> dict[str, Target]:
+    """Targets that put HF [width, hidden] matrices side by side as column blocks of one [hidden, sum(widths)]
+    leaf, in ``widths`` order (part name -> width)."""
     targets, start = {}, 0
-    for name, shape in parts.items():
-        columns = slice(start, start + shape[0])
-        targets[name] = Target(leaf, shape, _t, index=(slice(None), columns), piece=name)
-        start += shape[0]
+    for name, width in widths.items():
+        columns = slice(start, start + width)
+        targets[name] = Target(leaf, (width, hidden), _t, index=(slice(None), columns), piece=name)
+        start += width
     return targets
 
 
@@ -94,7 +94,7 @@ def _layer_rules(cfg: ModelConfig, i: int) -> dict[str, list[Target]]:
         **{
             f"mlp.shared_expert.{name}.weight": [target]
             for name, target in _side_by_side(
-                (*layer, "mlp", "shared_gate_up"), {"gate_proj": (shared, h), "up_proj": (shared, h)}
+                (*layer, "mlp", "shared_gate_up"), {"gate_proj": shared, "up_proj": shared}, h
             ).items()
         },
         "mlp.shared_expert.down_proj.weight": [Target((*layer, "mlp", "shared_down_proj"), (h, shared), _t)],
@@ -104,9 +104,7 @@ def _layer_rules(cfg: ModelConfig, i: int) -> dict[str, list[Target]]:
         mixer = (*layer, "linear_attn")
         vd, hv = cfg.linear_value_dim, cfg.linear_num_value_heads
         conv, kernel = cfg.linear_conv_dim, cfg.linear_conv_kernel_dim
-        in_proj = _side_by_side(
-            (*mixer, "in_proj"), {"qkv": (conv, h), "z": (vd, h), "b": (hv, h), "a": (hv, h)}
-        )
+        in_proj = _side_by_side((*mixer, "in_proj"), cfg.linear_in_proj_widths, h)
         rules |= {f"linear_attn.in_proj_{name}.weight": [target] for name, target in in_proj.items()}
         rules |= {
             "linear_attn.conv1d.weight": [Target((*mixer, "conv"), (conv, 1, kernel), _conv)],
@@ -117,10 +115,8 @@ def _layer_rules(cfg: ModelConfig, i: int) -> dict[str, list[Target]]:
         }
     else:
         mixer = (*layer, "self_attn")
-        nq, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        qkv_proj = _side_by_side(
-            (*mixer, "qkv_proj"), {"q": (nq * 2 * d, h), "k": (nkv * d, h), "v": (nkv * d, h)}
-        )
+        nq, d = cfg.num_attention_heads, cfg.head_dim
+        qkv_proj = _side_by_side((*mixer, "qkv_proj"), cfg.attention_qkv_widths, h)
         rules |= {f"self_attn.{name}_proj.weight": [target] for name, target in qkv_proj.items()}
         rules |= {
             "self_attn.o_proj.weight": [Target((*mixer, "o_proj"), (h, nq * d), _t)],

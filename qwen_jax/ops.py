@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 F32 = jnp.float32
 
@@ -15,6 +16,11 @@ F32 = jnp.float32
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x @ w`` for a kernel in [in, out] layout, accumulated in fp32 and rounded to ``x.dtype``."""
     return jnp.matmul(x, w, preferred_element_type=F32).astype(x.dtype)
+
+
+def split_columns(x: jax.Array, widths: dict[str, int]) -> list[jax.Array]:
+    """``x``'s last axis cut into consecutive blocks of the given widths (in ``widths`` order)."""
+    return jnp.split(x, np.cumsum(list(widths.values()))[:-1], axis=-1)
 
 
 def silu(x: jax.Array) -> jax.Array:
