@@ -166,10 +166,8 @@ def side_by_side_parts(cfg: ModelConfig, leaf: LeafPath) -> set[str]:
     """The part names of a side-by-side leaf (e.g. ``{"qkv", "z", "b", "a"}`` for ``in_proj``); empty for others."""
     if leaf[0] != "layers":
         return set()
-    rules = _layer_rules(cfg, leaf[1]).values()
-    return {t.piece for targets in rules for t in targets if t.leaf == leaf and isinstance(t.piece, str)} - {
-        WHOLE
-    }
+    parts = {t.piece for targets in _layer_rules(cfg, leaf[1]).values() for t in targets if t.leaf == leaf}
+    return parts - {WHOLE}
 
 
 def pieces_complete(cfg: ModelConfig, leaf: LeafPath, pieces: set) -> bool:

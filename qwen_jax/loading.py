@@ -98,13 +98,16 @@ def incomplete_leaves(cfg: ModelConfig, pieces: dict, path: Path) -> list[str]:
     """One message per JAX leaf that the checkpoint's tensors leave unset or only partly set."""
     problems = []
     for leaf, got in pieces.items():
-        if not pieces_complete(cfg, leaf, got):
-            lacking = sorted(side_by_side_parts(cfg, leaf) - got) if got else []
-            if lacking:
-                state = f"is only partly set (no {', '.join(lacking)} part)"
-            else:
-                state = "is missing" if not got else f"is only partly set ({len(got)} pieces)"
-            problems.append(f"parameter {'.'.join(map(str, leaf))} {state} in checkpoint {path}")
+        if pieces_complete(cfg, leaf, got):
+            continue
+        lacking = sorted(side_by_side_parts(cfg, leaf) - got)
+        if not got:
+            state = "is missing"
+        elif lacking:
+            state = f"is only partly set (no {', '.join(lacking)} part)"
+        else:
+            state = f"is only partly set ({len(got)} pieces)"
+        problems.append(f"parameter {'.'.join(map(str, leaf))} {state} in checkpoint {path}")
     return problems
 
 
