@@ -256,8 +256,7 @@ def _replay(inputs: Inputs, args, model, jax_run, reference: ReferenceRun) -> di
     )
     if args.reasoning_split:
         kwargs["reasoning_split"] = args.reasoning_split
-    if args.thinking is not None:
-        kwargs["enable_thinking"] = args.thinking == "on"
+    kwargs |= _thinking_kwargs(args)
     try:
         if "submission" in inputs.samples:
             result = replay_submission(inputs.samples["submission"], **kwargs)

@@ -56,8 +56,7 @@ def ragged_expert_ffn(x_sorted, group_sizes, gate_up, down):
 def dense_expert_ffn(x_sorted, group_sizes, gate_up, down):
     """Reference backend: runs every expert on every row, then keeps each row's own expert (one-hot)."""
     n_experts = gate_up.shape[0]
-    row_expert = jnp.repeat(jnp.arange(n_experts), group_sizes, total_repeat_length=x_sorted.shape[0])
-    one_hot = jax.nn.one_hot(row_expert, n_experts, dtype=x_sorted.dtype)
+    one_hot = jax.nn.one_hot(_row_experts(group_sizes, x_sorted.shape[0]), n_experts, dtype=x_sorted.dtype)
     h = jnp.einsum("rh,ehf->ref", x_sorted, gate_up, preferred_element_type=F32).astype(x_sorted.dtype)
     out = jnp.einsum("ref,efh->reh", _split_gate_up(h), down, preferred_element_type=F32).astype(
         x_sorted.dtype
