@@ -24,6 +24,7 @@ from flax import nnx
 
 from qwen_jax.cache import DecodeState, init_decode_state
 from qwen_jax.model import Qwen35MoeForCausalLM, default_positions, run_decoder
+from qwen_jax.ops import greedy_tokens
 
 #: Qwen3.5/3.6 stop tokens (generation_config.json): <|im_end|> and <|endoftext|>.
 DEFAULT_STOP_TOKEN_IDS = (248046, 248044)
@@ -92,7 +93,7 @@ def _decode_loop(
     logits_out = jnp.zeros((batch, buffer_len if keep_logits else 0, vocab), first_logits.dtype)
 
     def choose(step, logits, done, tokens, logits_out):
-        token = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        token = jnp.where(done, pad_id, greedy_tokens(logits))
         tokens = tokens.at[:, step].set(token)
         if keep_logits:
             logits_out = logits_out.at[:, step].set(logits)
@@ -187,7 +188,7 @@ def generate(
 @functools.partial(jax.jit, static_argnames=("graphdef", "moe_backend"))
 def _greedy_step(graphdef, params, token, cache, moe_backend):
     logits, cache = decode_step(nnx.merge(graphdef, params), token, cache, moe_backend)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+    return greedy_tokens(logits), cache
 
 
 def stream_generate(
@@ -207,7 +208,7 @@ def stream_generate(
     max_length = max_length or _round_up(ids.shape[1] + max_new_tokens, 256)
     graphdef, params = nnx.split(model)
     logits, cache = _prefill(graphdef, params, ids, mask, max_length, moe_backend)
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token = greedy_tokens(logits)
     for step in range(min(max_new_tokens, max_length - ids.shape[1] + 1)):
         value = int(token[0])
         yield value

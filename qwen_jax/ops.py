@@ -41,3 +41,17 @@ def torch_softplus(x: jax.Array, threshold: float = 20.0) -> jax.Array:
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     """``silu(gate) * up`` with a rounding after each op, as in HF's MLP and experts."""
     return (silu(gate) * up).astype(gate.dtype)
+
+
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """``argmax`` over the last axis as int32, with torch's and ``jnp.argmax``'s semantics (the first maximum; the
+    first NaN if there is one), computed as a max and then a min over the matching indices.
+
+    Two plain reductions vectorise, where XLA:CPU runs ``jnp.argmax``'s (value, index) reduction one element at a
+    time: over a 32k vocabulary that is 0.14 ms against 0.02 ms, about 2% of a small model's decode step.
+    """
+    nan = jnp.isnan(logits)
+    best = jnp.max(logits, axis=-1, keepdims=True)  # (XLA:CPU's vectorised max may skip NaNs)
+    hit = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, logits == best)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
