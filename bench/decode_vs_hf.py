@@ -36,6 +36,10 @@ BENCH_CONFIG = dict(
 )  # fmt: skip
 
 
+#: Above this max/min ratio of the bandwidths measured before the JAX runs, the machine was busy: a warning says so.
+BUSY_SPREAD = 1.2
+
+
 def build_checkpoint(path: Path) -> None:
     import torch
     from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
@@ -198,6 +202,7 @@ def main() -> int:
         args.new / decode_s / (bandwidth * 1e9 / step_bytes)
         for decode_s, bandwidth in zip(jx["decode_runs_s"], bandwidths, strict=True)
     ]
+    bandwidth_spread = max(bandwidths) / min(bandwidths)
     same = sum(a == b for a, b in zip(hf["tokens"], jx["tokens"], strict=False))
     results = dict(
         config=BENCH_CONFIG, dtype=args.dtype, prompt=args.prompt, new_tokens=args.new,
@@ -205,7 +210,7 @@ def main() -> int:
         decode_ratio=decode_tps["jax"] / decode_tps["hf"], prefill_ratio=prefill_tps["jax"] / prefill_tps["hf"],
         peak_rss_mb={"hf": hf["peak_rss_mb"], "jax": jx["peak_rss_mb"]}, jax_compile_s=jx["compile_s"],
         decode_step_bytes=step_bytes, read_bandwidth_gbs=statistics.median(bandwidths),
-        read_bandwidth_runs_gbs=bandwidths, roofline_tokens_per_s=roofline_tps,
+        read_bandwidth_runs_gbs=bandwidths, read_bandwidth_spread=bandwidth_spread, roofline_tokens_per_s=roofline_tps,
         jax_decode_fraction_of_roofline=statistics.median(fractions), jax_decode_fraction_of_roofline_runs=fractions,
         hf_decode_fraction_of_roofline=decode_tps["hf"] / roofline_tps, repeats=args.repeats,
         greedy_tokens_equal=f"{same}/{args.new}",
@@ -223,6 +228,11 @@ def main() -> int:
         f"bandwidth just before it: {min(fractions):.0%}-{max(fractions):.0%}), "
         f"HF {results['hf_decode_fraction_of_roofline']:.0%}"
     )
+    if bandwidth_spread > BUSY_SPREAD:
+        print(
+            f"warning: the read bandwidth moved by {bandwidth_spread - 1:.0%} between the JAX runs (the load from other "
+            "processes changed), so the fraction of the roofline is unreliable; run again on a quiet machine"
+        )
     print(f"peak RSS MB: JAX {jx['peak_rss_mb']:.0f}  HF {hf['peak_rss_mb']:.0f}; JAX compile {jx['compile_s']:.1f}s; "
           f"greedy tokens equal {same}/{args.new}")  # fmt: skip
     if args.json:
