@@ -9,7 +9,9 @@ weight, the top-k routed experts and the shared expert of each layer), over a re
 
 Each side runs ``--repeats`` times (speeds: the best run of each phase). On a shared machine the bandwidth varies
 from minute to minute, so the JAX side measures it right before each of its runs, and the fraction of the roofline
-is the median over its runs of (that run's decode speed) / (the bandwidth measured just before it).
+is the median over its runs of (that run's decode speed) / (the bandwidth measured just before it). When those
+bandwidths differ by more than 20% (max/min), the load from other processes changed during the invocation, and a
+warning says that the fraction is unreliable.
 """
 
 from __future__ import annotations
