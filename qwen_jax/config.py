@@ -85,8 +85,13 @@ class ModelConfig:
         return self.linear_num_value_heads * self.linear_value_head_dim
 
     @property
+    def linear_conv_widths(self) -> dict[str, int]:
+        """The channel blocks of the DeltaNet's causal conv (HF's ``conv1d``), in order: q, k, v."""
+        return {"q": self.linear_key_dim, "k": self.linear_key_dim, "v": self.linear_value_dim}
+
+    @property
     def linear_conv_dim(self) -> int:
-        return 2 * self.linear_key_dim + self.linear_value_dim
+        return sum(self.linear_conv_widths.values())
 
     @property
     def linear_in_proj_widths(self) -> dict[str, int]:

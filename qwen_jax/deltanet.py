@@ -72,12 +72,10 @@ class GatedDeltaNet(nnx.Module):
             conv_history = jnp.zeros((b, cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim), x.dtype)
         hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-        kd = cfg.linear_key_dim
         qkv, z, beta_logits, a = split_columns(dense(x, self.in_proj[...]), cfg.linear_in_proj_widths)
         mixed, new_history = causal_conv(qkv, self.conv[...], conv_history)
-        q = mixed[..., :kd].reshape(b, length, hk, dk)
-        k = mixed[..., kd : 2 * kd].reshape(b, length, hk, dk)
-        v = mixed[..., 2 * kd :].reshape(b, length, hv, dv)
+        q, k, v = split_columns(mixed, cfg.linear_conv_widths)
+        q, k, v = q.reshape(b, length, hk, dk), k.reshape(b, length, hk, dk), v.reshape(b, length, hv, dv)
         beta = sigmoid(beta_logits)
         a = a.astype(F32)
         g = -jnp.exp(self.A_log[...].astype(F32)) * torch_softplus(a + self.dt_bias[...].astype(F32))
