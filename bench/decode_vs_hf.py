@@ -199,10 +199,11 @@ def main() -> int:
     prefill_tps = {"hf": args.prompt / hf["prefill_s"], "jax": args.prompt / jx["prefill_s"]}
     step_bytes = decode_step_bytes(4 if args.dtype == "float32" else 2)
     bandwidths = jx["bandwidth_runs_gbs"]
-    roofline_tps = statistics.median(bandwidths) * 1e9 / step_bytes
+    bandwidth = statistics.median(bandwidths)
+    roofline_tps = bandwidth * 1e9 / step_bytes
     fractions = [  # each JAX run against the bandwidth measured just before it
-        args.new / decode_s / (bandwidth * 1e9 / step_bytes)
-        for decode_s, bandwidth in zip(jx["decode_runs_s"], bandwidths, strict=True)
+        args.new / decode_s / (run_bandwidth * 1e9 / step_bytes)
+        for decode_s, run_bandwidth in zip(jx["decode_runs_s"], bandwidths, strict=True)
     ]
     bandwidth_spread = max(bandwidths) / min(bandwidths)
     same = sum(a == b for a, b in zip(hf["tokens"], jx["tokens"], strict=False))
@@ -211,7 +212,7 @@ def main() -> int:
         decode_tokens_per_s=decode_tps, prefill_tokens_per_s=prefill_tps,
         decode_ratio=decode_tps["jax"] / decode_tps["hf"], prefill_ratio=prefill_tps["jax"] / prefill_tps["hf"],
         peak_rss_mb={"hf": hf["peak_rss_mb"], "jax": jx["peak_rss_mb"]}, jax_compile_s=jx["compile_s"],
-        decode_step_bytes=step_bytes, read_bandwidth_gbs=statistics.median(bandwidths),
+        decode_step_bytes=step_bytes, read_bandwidth_gbs=bandwidth,
         read_bandwidth_runs_gbs=bandwidths, read_bandwidth_spread=bandwidth_spread, roofline_tokens_per_s=roofline_tps,
         jax_decode_fraction_of_roofline=statistics.median(fractions), jax_decode_fraction_of_roofline_runs=fractions,
         hf_decode_fraction_of_roofline=decode_tps["hf"] / roofline_tps, repeats=args.repeats,
@@ -224,7 +225,7 @@ def main() -> int:
         f"prefill tok/s: JAX {prefill_tps['jax']:.0f}  HF {prefill_tps['hf']:.0f}  ratio {results['prefill_ratio']:.2f}x"
     )
     print(
-        f"roofline: {step_bytes / 1e6:.0f} MB/step at {statistics.median(bandwidths):.1f} GB/s (median; "
+        f"roofline: {step_bytes / 1e6:.0f} MB/step at {bandwidth:.1f} GB/s (median; "
         f"{min(bandwidths):.1f}-{max(bandwidths):.1f}) = {roofline_tps:.0f} tok/s; "
         f"JAX {results['jax_decode_fraction_of_roofline']:.0%} (median of {args.repeats} runs, each against the "
         f"bandwidth just before it: {min(fractions):.0%}-{max(fractions):.0%}), "
