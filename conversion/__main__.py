@@ -1,5 +1,6 @@
 """``python -m conversion {convert,verify,plan}``. Bad input prints one line naming the problem and exits 2;
-``verify`` exits 1 on a mismatch."""
+``verify`` exits 1 on a mismatch; an unexpected internal error is one line and exit 3, its traceback in a log file
+(:mod:`qwen_jax.cli_contract`)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import logging
 import sys
 
 from conversion import UsageError
+from qwen_jax.cli_contract import EXIT_BAD_INPUT, EXIT_FINDING, OneLineParser, run_guarded
 
-EXIT_MISMATCH = 1
-EXIT_USAGE = 2
+EXIT_MISMATCH = EXIT_FINDING
+EXIT_USAGE = EXIT_BAD_INPUT
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m conversion", description=__doc__)
+    parser = OneLineParser(prog="python -m conversion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     convert = sub.add_parser("convert", help="HF safetensors checkpoint -> per-leaf Orbax checkpoint")
     convert.add_argument("--hf", required=True, help="HF checkpoint dir (config.json + safetensors)")
@@ -46,34 +48,35 @@ def main(argv: list[str] | None = None) -> int:
     from qwen_jax.config import ConfigError
     from qwen_jax.loading import CheckpointError
 
-    try:
-        if args.command == "convert":
-            from conversion.convert import convert
+    return run_guarded(lambda: _run(args), (UsageError, CheckpointError, ConfigError))
 
-            out = convert(args.hf, args.out, args.dtype, progress=not args.no_progress)
-            print(f"converted {args.hf} -> {out}")
-            return 0
-        if args.command == "verify":
-            from conversion.verify import verify
 
-            report = verify(args.hf, args.ckpt, progress=not args.no_progress)
-            for line in report.mismatches:
-                print(f"MISMATCH {line}", file=sys.stderr)
-            if not report.ok:
-                print(f"verify: {len(report.mismatches)} mismatch(es) in {args.ckpt}", file=sys.stderr)
-                return EXIT_MISMATCH
-            print(f"verify: all {report.checked} leaves of {args.ckpt} equal {args.hf} bitwise")
-            return 0
-        from conversion.plan import format_plan, memory_plan
+def _run(args) -> int:
+    if args.command == "convert":
+        from conversion.convert import convert
 
-        plan = memory_plan(args.config, args.mesh, args.batch, args.context, args.dtype)
-        print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+        out = convert(args.hf, args.out, args.dtype, progress=not args.no_progress)
+        print(f"converted {args.hf} -> {out}")
         return 0
-    except (UsageError, CheckpointError, ConfigError) as e:
-        first = str(e).splitlines()
-        message = first[0] if len(first) == 1 else f"{first[0]} {first[1].strip()}"
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+    if args.command == "verify":
+        from conversion.verify import verify
+
+        report = verify(args.hf, args.ckpt, progress=not args.no_progress)
+        for line in report.mismatches:
+            print(f"MISMATCH {line}", file=sys.stderr)
+        if not report.ok:
+            print(f"verify: {len(report.mismatches)} mismatch(es) in {args.ckpt}", file=sys.stderr)
+            return EXIT_MISMATCH
+        print(
+            f"verify: all {report.checked} leaves of {args.ckpt} equal {args.hf} bitwise, and the source files "
+            "match the sha256 recorded at conversion"
+        )
+        return 0
+    from conversion.plan import format_plan, memory_plan
+
+    plan = memory_plan(args.config, args.mesh, args.batch, args.context, args.dtype)
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@
   read plus its transposed/cast copy) plus a fixed JAX/Orbax overhead, whatever the model size.
 - Atomic: everything is written under a sibling ``.OUT.partial`` dir, which is renamed to OUT only after the
   manifest is written; OUT never exists half-written.
+- Refusals: an OUT that is a file, under a file or under an unwritable directory is refused before anything is
+  read; a ``.OUT.partial`` left by a conversion of other sources or dtype is refused, never deleted; a tensor
+  holding a NaN or an infinity is refused, naming it; a full disk stops the conversion with one line, keeping the
+  finished leaves for the rerun.
 - Restartable: the partial dir records the source fingerprint (dtype, every source file's size and sha256) and one
   record per finished leaf (sha256 of its bytes). A rerun after an interruption (kill -9 included) keeps each
   finished leaf whose restored bytes still hash to its record, redoes the rest, and writes the same manifest.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -40,6 +45,7 @@ from qwen_jax.checkpoint import (
     read_manifest,
     restore_leaf,
 )
+from qwen_jax.cli_contract import check_output_dir
 from qwen_jax.loading import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -119,8 +125,10 @@ def _open_work_dir(out: Path, fingerprint: dict) -> Path:
         if previous == fingerprint:
             log.info("resuming the interrupted conversion in %s", work)
             return work
-        log.warning("%s: left by a conversion of other sources or dtype; starting over", work)
-        shutil.rmtree(work)
+        raise UsageError(
+            f"{work}: holds an interrupted conversion of other sources or dtype; remove it (or rerun that "
+            "conversion) before converting into this --out"
+        )
     (work / PARAMS_DIR).mkdir(parents=True)
     (work / DONE_DIR).mkdir()
     write_json(state, fingerprint)
@@ -145,15 +153,43 @@ def _finished_record(work: Path, name: str, shape, dtype: np.dtype) -> dict | No
     return None
 
 
+#: What a full disk (or quota, or file-size limit) looks like from Python and from Orbax/TensorStore.
+OUT_OF_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+OUT_OF_SPACE_TEXT = ("RESOURCE_EXHAUSTED", "No space left", "Disk quota exceeded", "File too large")
+
+
+@contextlib.contextmanager
+def out_of_space_is_usage_error(work: Path, leaf: str):
+    """A full disk while writing ``leaf`` becomes one line (exit 2) that says the finished leaves are kept in
+    ``work`` and a rerun resumes; any other error passes unchanged. Orbax's own log of the failure (a traceback
+    at ERROR on the ``absl`` logger) is muted meanwhile: the exception itself carries it."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except Exception as e:
+        full = getattr(e, "errno", None) in OUT_OF_SPACE_ERRNOS or any(t in str(e) for t in OUT_OF_SPACE_TEXT)
+        if not full:
+            raise
+        raise UsageError(
+            f"{work}: out of disk space while writing leaf {leaf}; the finished leaves are kept there: free some "
+            "space and rerun the same command to resume"
+        ) from None
+    finally:
+        absl.setLevel(level)
+
+
 def convert(hf: str | Path, out: str | Path, dtype: str = "bfloat16", progress: bool = True) -> Path:
     """Converts the HF checkpoint dir ``hf`` into ``out``; returns ``out``. See the module docstring."""
     import orbax.checkpoint as ocp
 
-    hf, out = Path(hf), Path(out)
+    hf, out = Path(hf), Path(out).absolute()  # Orbax wants absolute paths
     if not hf.is_dir():
         raise UsageError(f"{hf}: HF checkpoint directory not found")
     if out.exists() and not (out / MANIFEST).is_file():
         raise UsageError(f"{out}: exists and is not a converted checkpoint; refusing to touch it")
+    check_output_dir(out, "--out")
     plan = build_plan(hf, dtype)
     fingerprint = source_fingerprint(plan, dtype)
     if out.exists():
@@ -193,11 +229,13 @@ def convert(hf: str | Path, out: str | Path, dtype: str = "bfloat16", progress: 
             bar.set_postfix_str(name, refresh=False)
             value = assemble_leaf(hf, leaf)
             sha = leaf_bytes_sha256(value)
-            checkpointer.save(params / name, args=ocp.args.PyTreeSave({VALUE_KEY: value}))
+            with out_of_space_is_usage_error(work, name):
+                checkpointer.save(params / name, args=ocp.args.PyTreeSave({VALUE_KEY: value}))
             del value
             release_freed_memory()
             records[name] = {"shape": list(leaf.shape), "dtype": leaf.dtype.name, "sha256": sha}
-            write_json(work / DONE_DIR / f"{name}.json", records[name])
+            with out_of_space_is_usage_error(work, name):
+                write_json(work / DONE_DIR / f"{name}.json", records[name])
             bar.update(leaf.nbytes)
             written += 1
             if kill_after and written >= kill_after:
@@ -221,7 +259,8 @@ def convert(hf: str | Path, out: str | Path, dtype: str = "bfloat16", progress: 
             for leaf in plan.leaves
         ],
     }
-    write_json(work / MANIFEST, manifest)
+    with out_of_space_is_usage_error(work, MANIFEST):
+        write_json(work / MANIFEST, manifest)
     os.replace(work, out)  # the one step that makes OUT appear, complete
     shutil.rmtree(out / DONE_DIR, ignore_errors=True)
     (out / STATE).unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from qwen_jax.loading import CheckpointError
+from qwen_jax.loading import CheckpointError, check_finite
 
 NUMPY_DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -86,7 +86,7 @@ def read_header(path: Path, relative: str) -> list[TensorInfo]:
 
 
 def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
-    """One tensor, read into a fresh array."""
+    """One tensor, read into a fresh array; CheckpointError if it holds a NaN or an infinity."""
     out = np.empty(info.shape, NUMPY_DTYPES[info.dtype])
     buffer = out.reshape(-1).view(np.uint8)
     try:
@@ -99,6 +99,7 @@ def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
         ) from None
     if got != info.stop - info.start:
         raise CheckpointError(f"tensor {info.name!r} in {path / info.file}: truncated ({got} bytes read)")
+    check_finite(out, f"tensor {info.name!r} in {path / info.file}")
     return out
 
 

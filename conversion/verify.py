@@ -1,7 +1,8 @@
 """``verify``: every leaf of a converted checkpoint against the HF checkpoint it came from, bitwise.
 
 The leaf restored from Orbax is compared with each of its HF tensors after the same transform and dtype cast as
-``convert`` (shape, dtype, every byte, in blocks of rows), and with the manifest's sha256. One leaf at a time, so
+``convert`` (shape, dtype, every byte, in blocks of rows), and with the manifest's sha256; every HF source file is
+checked against the size and sha256 the conversion recorded. One leaf at a time, so
 memory stays at about one leaf plus one tensor. On a mismatch the message names the leaf and the HF tensor(s) that
 differ.
 """
@@ -17,7 +18,15 @@ from tqdm import tqdm
 
 from conversion.convert import release_freed_memory
 from conversion.layout import LeafPlan, build_plan, piece_value
-from qwen_jax.checkpoint import PARAMS_DIR, leaf_bytes_sha256, leaf_name, read_manifest, restore_leaf
+from conversion.safetensors_io import file_sha256
+from qwen_jax.checkpoint import (
+    MANIFEST,
+    PARAMS_DIR,
+    leaf_bytes_sha256,
+    leaf_name,
+    read_manifest,
+    restore_leaf,
+)
 from qwen_jax.loading import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -64,12 +73,28 @@ def _differing_tensors(hf: Path, leaf: LeafPlan, actual: np.ndarray) -> list[str
     return names
 
 
+def source_file_mismatches(hf: Path, files: list[str], recorded: dict, manifest: Path) -> list[str]:
+    """The HF files whose size or sha256 differs from what the conversion recorded in its manifest (a change the
+    dtype cast could hide, such as a flipped low bit of an F32 tensor converted to bf16), and files added or gone."""
+    problems = []
+    for file in sorted(set(files) | set(recorded)):
+        entry = recorded.get(file)
+        if entry is None:
+            problems.append(f"source file {hf / file} is not among the files recorded in {manifest}")
+        elif file not in files:
+            problems.append(f"source file {file} recorded in {manifest} is no longer part of {hf}")
+        elif (hf / file).stat().st_size != entry.get("size") or file_sha256(hf / file) != entry.get("sha256"):
+            problems.append(f"source file {hf / file}: sha256 differs from the one recorded in {manifest}")
+    return problems
+
+
 def verify(hf: str | Path, ckpt: str | Path, progress: bool = True) -> VerifyReport:
     hf, ckpt = Path(hf), Path(ckpt)
     manifest = read_manifest(ckpt)
     plan = build_plan(hf, manifest["dtype"])
     entries = {e["name"]: e for e in manifest["leaves"]}
     report = VerifyReport()
+    report.mismatches += source_file_mismatches(hf, plan.files, manifest.get("sources", {}), ckpt / MANIFEST)
     extra = sorted(set(entries) - {leaf_name(leaf.path) for leaf in plan.leaves})
     report.mismatches += [f"leaf {name} is in the checkpoint but not in the HF model" for name in extra]
     total = sum(leaf.nbytes for leaf in plan.leaves)

@@ -79,6 +79,7 @@ def restore_leaf(leaf_dir: Path, sharding=None, shape=None, dtype=None):
     import orbax.checkpoint as ocp
 
     _quiet_orbax()
+    leaf_dir = Path(leaf_dir).absolute()  # Orbax refuses relative paths
     if sharding is None:
         args = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
     else:
@@ -91,13 +92,36 @@ def restore_leaf(leaf_dir: Path, sharding=None, shape=None, dtype=None):
     return restored[VALUE_KEY]
 
 
-def load(ckpt_dir: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None):
+def restore_verified_leaf(leaf_dir: Path, entry: dict, sharding, dtype):
+    """One leaf read whole on the host in its stored dtype, its bytes checked against the manifest's sha256
+    (``entry``), then cast to ``dtype`` and placed by ``sharding``; CheckpointError naming the leaf on a
+    mismatch."""
+    value = restore_leaf(leaf_dir)
+    if list(value.shape) != list(entry.get("shape", ())) or leaf_bytes_sha256(value) != entry.get("sha256"):
+        raise CheckpointError(
+            f"{leaf_dir}: the leaf's bytes do not match the sha256 recorded in {MANIFEST} (corrupted or altered "
+            "since the conversion)"
+        )
+    return jax.device_put(value.astype(dtype), sharding)
+
+
+def load(
+    ckpt_dir: str | Path,
+    mesh: jax.sharding.Mesh | None = None,
+    dtype: str | None = None,
+    *,
+    verify: bool = True,
+):
     """The model from a converted checkpoint, each parameter restored directly into its sharding.
 
     With ``mesh``, every leaf gets ``NamedSharding(mesh, qwen_jax.sharding.param_spec(path))`` (experts split on
     ``ep``, the rest replicated) and each device materialises only its shard; run the model under
     ``jax.set_mesh(mesh)``. Without a mesh, everything goes to the first device. ``dtype`` ("float32" or "bfloat16")
     casts on restore; by default the checkpoint's own dtype is kept.
+
+    ``verify`` (default True) checks every leaf's bytes against the sha256 the manifest records: each leaf is then
+    read whole on the host once (one leaf at a time) before it is placed; ``verify=False`` skips the check and
+    lets each device read only its own slice. ``python -m audit`` always verifies.
     """
     from jax.sharding import NamedSharding, SingleDeviceSharding
 
@@ -127,7 +151,11 @@ def load(ckpt_dir: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str
         sharding = (
             SingleDeviceSharding(jax.devices()[0]) if mesh is None else NamedSharding(mesh, param_spec(path))
         )
-        value = restore_leaf(ckpt_dir / PARAMS_DIR / name, sharding, spec.shape, target)
+        leaf_dir = ckpt_dir / PARAMS_DIR / name
+        if verify:
+            value = restore_verified_leaf(leaf_dir, entry, sharding, target)
+        else:
+            value = restore_leaf(leaf_dir, sharding, spec.shape, target)
         var.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from qwen_jax.cache import DecodeState, init_decode_state
+from qwen_jax.limits import check_generation
 from qwen_jax.model import Qwen35MoeForCausalLM, default_positions, run_decoder
 from qwen_jax.ops import greedy_tokens
 
@@ -154,6 +155,7 @@ def generate(
     prompt_len = input_ids.shape[1]
     if max_length is None:
         max_length = _round_up(prompt_len + max_new_tokens, 256)
+    check_generation(model.cfg, attention_mask, max_new_tokens, max_length, model.dtype, return_logits)
     if prompt_len + max_new_tokens - 1 > max_length:
         raise ValueError(
             f"max_length {max_length} is too small for a {prompt_len}-token (padded) prompt plus {max_new_tokens} "
@@ -206,6 +208,7 @@ def stream_generate(
         stop_token_ids = default_stop_token_ids(model)
     ids, mask = left_pad([list(prompt)], 64)
     max_length = max_length or _round_up(ids.shape[1] + max_new_tokens, 256)
+    check_generation(model.cfg, mask, max_new_tokens, max_length, model.dtype)
     graphdef, params = nnx.split(model)
     logits, cache = _prefill(graphdef, params, ids, mask, max_length, moe_backend)
     token = greedy_tokens(logits)

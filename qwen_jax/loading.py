@@ -121,6 +121,17 @@ def raise_problems(errors: list[str], what: str) -> None:
         raise CheckpointError(f"{what} ({len(errors)} problem(s)):\n  {shown}{more}")
 
 
+def check_finite(value: np.ndarray, where: str, block: int = 1 << 24) -> None:
+    """CheckpointError naming ``where`` when a tensor holds a NaN or an infinity; checked in blocks of ``block``
+    elements on the data already read, so no tensor-sized temporary is made."""
+    flat = value.reshape(-1)
+    for start in range(0, flat.size, block):
+        finite = np.isfinite(flat[start : start + block])
+        if not finite.all():
+            first = start + int(np.argmin(finite))
+            raise CheckpointError(f"{where} holds a non-finite value ({flat[first]} at flat index {first})")
+
+
 def checkpoint_files(path: Path) -> dict[str, list[str]]:
     """The safetensors files of a checkpoint dir and, for each, the tensor names it should hold (None: all)."""
     if not path.is_dir():
@@ -194,6 +205,7 @@ def read_hf_params(
         if targets is None:
             continue
         tensor = get()
+        check_finite(tensor, where)
         claimed = claim_pieces(targets, tuple(tensor.shape), where, pieces, errors)
         if claimed is None:
             continue
