@@ -45,10 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("absl", "jax", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from qwen_jax.config import ConfigError
-    from qwen_jax.loading import CheckpointError
-
-    return run_guarded(lambda: _run(args), (UsageError, CheckpointError, ConfigError))
+    return run_guarded(lambda: _run(args), (UsageError,))
 
 
 def _run(args) -> int:

@@ -23,10 +23,18 @@ Differences from transformers: ``add_generation_prompt`` defaults to ``True`` he
 template's ``raise_exception(msg)`` raises :class:`ChatTemplateError` (a ``ValueError``) instead of
 ``jinja2.TemplateError``, tools must be JSON-schema dicts (no callables), and ``continue_final_message``
 is not supported.
+
+Bounds (transformers has none; a template is untrusted input): one render may create at most
+:data:`MAX_RANGE_ITEMS` ``range()`` items in all (nested loops over ``range(10**5)`` would otherwise run for
+hours), build no string or list longer than :data:`MAX_RENDERED_CHARS` by ``*`` or ``+`` (``'a' * 10**9``), raise
+no integer to a power above :data:`MAX_POWER`, and render at most :data:`MAX_RENDERED_CHARS` characters. Each is a
+``jinja2.exceptions.SecurityError``. :func:`render_chat` turns every template failure (syntax error, sandbox
+refusal, undefined attribute, a bound) into one :class:`ChatTemplateError` line naming the template's file.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import importlib.resources
 import json
@@ -42,7 +50,15 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["ChatTemplateError", "apply_chat_template", "load_default_chat_template"]
+__all__ = ["ChatTemplateError", "apply_chat_template", "load_default_chat_template", "render_chat"]
+
+#: Bounds on one render (see the module docstring).
+MAX_RENDERED_CHARS = 16 * 1024 * 1024
+MAX_RANGE_ITEMS = 1_000_000
+MAX_POWER = 4096
+#: The variables the renderer sets itself: chat_template_kwargs may not set them.
+RENDERER_ARGUMENTS = ("messages", "tools", "documents", "add_generation_prompt")
+_budget: contextvars.ContextVar[list[int]] = contextvars.ContextVar("chat_template_range_budget")
 
 # Names a message's reasoning may be given under; the first is the one chat templates read.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -128,6 +144,49 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             )
 
 
+def _too_long(value: Any) -> bool:
+    return isinstance(value, str | list | tuple) and len(value) > MAX_RENDERED_CHARS
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox with the bounds of the module docstring on ``*``, ``+``, ``**`` and ``range``."""
+
+    intercepted_binops = frozenset({"*", "+", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(right) > MAX_POWER:
+            raise jinja2.exceptions.SecurityError(f"power with exponent {right} exceeds {MAX_POWER}")
+        if operator == "*":
+            count, seq = (left, right) if isinstance(left, int) else (right, left)
+            if (
+                isinstance(count, int)
+                and isinstance(seq, str | list | tuple)
+                and count * len(seq) > MAX_RENDERED_CHARS
+            ):
+                raise jinja2.exceptions.SecurityError(
+                    f"repetition to {count * len(seq)} items exceeds the bound of {MAX_RENDERED_CHARS}"
+                )
+        result = super().call_binop(context, operator, left, right)
+        if _too_long(result):
+            raise jinja2.exceptions.SecurityError(
+                f"a value of {len(result)} items exceeds {MAX_RENDERED_CHARS}"
+            )
+        return result
+
+
+def _bounded_range(*args):
+    """``range`` with a per-render budget of :data:`MAX_RANGE_ITEMS` items across all calls."""
+    items = range(*args)
+    budget = _budget.get(None)
+    if budget is not None:
+        budget[0] -= len(items)
+        if budget[0] < 0:
+            raise jinja2.exceptions.SecurityError(
+                f"range() calls create more than {MAX_RANGE_ITEMS} items in one render"
+            )
+    return items
+
+
 def _jinja2_version_ok() -> bool:
     parts = []
     for piece in jinja2.__version__.split(".")[:3]:
@@ -141,9 +200,10 @@ def _compile(template: str) -> jinja2.Template:
     if not _jinja2_version_ok():
         # transformers refuses older versions too: they have known sandbox escapes.
         raise ImportError(f"Chat templates need jinja2>=3.1.6, found {jinja2.__version__}.")
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
+    env.globals["range"] = _bounded_range
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -248,12 +308,44 @@ def apply_chat_template(
         for tool in tools:
             if not isinstance(tool, dict):
                 raise TypeError(f"Tools must be JSON-schema dicts, got {type(tool).__name__}.")
+    clashing = sorted(set(kwargs) & set(RENDERER_ARGUMENTS))
+    if clashing:
+        raise ChatTemplateError(f"template keyword(s) {clashing} collide with the renderer's own arguments")
     prepared = _prepare_messages(messages)
     compiled = _compile(template)
-    return compiled.render(
-        messages=prepared,
-        tools=_plain(tools),
-        documents=None,
-        add_generation_prompt=add_generation_prompt,
-        **_plain(kwargs),
-    )
+    token = _budget.set([MAX_RANGE_ITEMS])
+    try:
+        pieces, size = [], 0
+        for piece in compiled.generate(
+            messages=prepared,
+            tools=_plain(tools),
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **_plain(kwargs),
+        ):
+            size += len(piece)
+            if size > MAX_RENDERED_CHARS:
+                raise jinja2.exceptions.SecurityError(
+                    f"rendered text exceeds {MAX_RENDERED_CHARS} characters"
+                )
+            pieces.append(piece)
+    finally:
+        _budget.reset(token)
+    return "".join(pieces)
+
+
+def render_chat(template: str, messages: list[dict], *, source: str, **kwargs: Any) -> str:
+    """:func:`apply_chat_template` for the command lines: any failure of the template (a syntax error, a sandbox
+    refusal, an undefined attribute, a bound, ``raise_exception``, an error inside an expression) is one
+    :class:`ChatTemplateError` whose message names ``source``, the template's file."""
+    try:
+        return apply_chat_template(template, messages, **kwargs)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"{source}: template syntax error on line {e.lineno}: {e.message}") from None
+    except ChatTemplateError as e:
+        raise ChatTemplateError(f"{source}: {e.message}") from None
+    except (jinja2.exceptions.TemplateError, ArithmeticError, TypeError, ValueError, LookupError) as e:
+        kind = (
+            "refused by the sandbox" if isinstance(e, jinja2.exceptions.SecurityError) else type(e).__name__
+        )
+        raise ChatTemplateError(f"{source}: {kind}: {e}") from None

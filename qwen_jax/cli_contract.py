@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 EXIT_OK = 0
@@ -83,22 +83,44 @@ def write_internal_log(log_dir: Path | None) -> Path:
     return Path(name)
 
 
+#: The project's input-error classes, by name: catching them never imports their (heavy) modules, since an
+#: instance can only exist once its module is loaded.
+PROJECT_INPUT_ERRORS = (
+    "qwen_jax.loading:CheckpointError",
+    "qwen_jax.config:ConfigError",
+    "qwen_jax.tokenizer:TokenizerLoadError",
+    "qwen_jax.chat:ChatTemplateError",
+)
+
+
+def is_instance_of_any(exc: BaseException, classes: Sequence[type | str]) -> bool:
+    """isinstance against classes given as types or as ``"module:Class"`` names (unloaded modules: no match)."""
+    for cls in classes:
+        if isinstance(cls, str):
+            module, _, name = cls.partition(":")
+            cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
+
+
 def run_guarded(
     body: Callable[[], int],
-    bad_input: tuple[type[BaseException], ...],
+    bad_input: Sequence[type | str] = (),
     log_dir: Path | None = None,
 ) -> int:
-    """Runs a CLI's work under the contract above: ``bad_input`` exceptions (and :class:`BadInputError`) are one
-    line and exit 2; anything unexpected is one line, its traceback in a log file, and exit 3."""
+    """Runs a CLI's work under the contract above: :class:`BadInputError`, :data:`PROJECT_INPUT_ERRORS` and
+    ``bad_input`` (types or ``"module:Class"`` names) are one line and exit 2; anything unexpected is one line,
+    its traceback in a log file (in ``log_dir`` when given), and exit 3."""
     try:
         return body()
-    except (BadInputError, *bad_input) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # the contract: no traceback reaches the user
+        if is_instance_of_any(exc, (BadInputError, *PROJECT_INPUT_ERRORS, *bad_input)):
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         log = write_internal_log(log_dir)
         print(
             f"internal error (a bug, not a problem with your input): {type(exc).__name__}: {one_line(exc)}; "

@@ -41,6 +41,7 @@ class QwenTokenizer:
     config: dict[str, Any] = field(default_factory=dict)
     special_tokens_map: dict[str, str] = field(default_factory=dict)
     chat_template: str | None = None
+    chat_template_source: str | None = None  # the file it was read from (for error messages)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; no special tokens are added (added tokens in the text still match)."""
@@ -80,10 +81,15 @@ def _token_content(value: Any) -> str | None:
     return None
 
 
-def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
+def _chat_template_file(directory: Path) -> Path:
     # transformers prefers a separate chat_template.jinja over the one in tokenizer_config.json.
     jinja_file = directory / "chat_template.jinja"
-    if jinja_file.is_file():
+    return jinja_file if jinja_file.is_file() else directory / "tokenizer_config.json"
+
+
+def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
+    jinja_file = _chat_template_file(directory)
+    if jinja_file.suffix == ".jinja":
         return jinja_file.read_text(encoding="utf-8")
     template = config.get("chat_template")
     if isinstance(template, str):
@@ -125,6 +131,7 @@ def load_tokenizer(path: str | Path) -> QwenTokenizer:
         if not isinstance(config, dict):
             raise TokenizerLoadError(f"Tokenizer config {config_file} is not a JSON object")
 
+    template = _read_chat_template(directory, config)
     special = {}
     for name in _NAMED_SPECIAL_TOKENS:
         content = _token_content(config.get(name))
@@ -135,5 +142,6 @@ def load_tokenizer(path: str | Path) -> QwenTokenizer:
         path=file,
         config=config,
         special_tokens_map=special,
-        chat_template=_read_chat_template(directory, config),
+        chat_template=template,
+        chat_template_source=None if template is None else str(_chat_template_file(directory)),
     )
