@@ -1,7 +1,9 @@
 """``python -m audit compare`` and ``python -m audit record``.
 
 Exit codes: 0 the two implementations agree within the tolerances, 1 they diverge, 2 a usage or input error (a
-one-line message on stderr naming the problem and the path).
+one-line message on stderr naming the problem and the path), 3 an unexpected internal error (one line on stderr; the
+traceback is in ``REPORT_DIR/internal-error.log``, or a temporary file for ``record``). See
+:mod:`qwen_jax.cli_contract`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from audit.errors import AuditInputError
+from qwen_jax.cli_contract import OneLineParser, check_output_dir, run_guarded
 
 DEFAULT_REPORT_DIR = "audit-report"
 
@@ -55,7 +58,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m audit", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m audit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     compare = sub.add_parser("compare", help="audit the JAX model against the PyTorch reference")
     _common(compare)
@@ -77,21 +80,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--max-new-tokens must be at least 1")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
-    from audit.samples import SamplesError
-    from qwen_jax import CheckpointError, ConfigError
 
-    try:
+    def body() -> int:
+        if args.command == "record":
+            check_output_dir(args.out, "--out")
+        else:
+            check_output_dir(args.report, "--report")
         from audit import run
 
         if args.command == "record":
             return run.record(args)
         return run.compare(args, version=_version())
-    except (AuditInputError, SamplesError, CheckpointError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+    log_dir = args.report if args.command == "compare" else None
+    return run_guarded(body, (AuditInputError, "audit.samples:SamplesError"), log_dir)
 
 
 def entry() -> None:

@@ -11,7 +11,8 @@ bf16 errors decorrelate: on the demo, JAX-bf16 vs HF-bf16 measured 0.73e (mean K
 In float32 they are fixed, from the parity tests: p99 max |logit diff| 1e-4, mean KL 1e-6, hidden-state rel_diff
 1e-8 (about 1e-4 relative RMS error).
 
-Verdict: "diverge" (exit 1) when a logit metric or a hidden state exceeds its tolerance, when a greedy output
+Verdict: "diverge" (exit 1) when a hidden state or the logits hold NaN or inf on either side (named where they first
+appear, never compared as numbers), when a logit metric or a hidden state exceeds its tolerance, when a greedy output
 diverges where the two tokens are not in each other's top 5 (vLLM's check_logprobs_close rule: otherwise it is a
 near-tie), or when the JAX side is not bitwise reproducible run to run. Routing flips are reported per layer with
 the reference's k-th/(k+1)-th probability margin; flips at near-ties are not bugs and do not decide the verdict.
@@ -130,7 +131,7 @@ def layer_entries(
                 "max_abs": diff.max_abs,
                 "max_abs_at": dict(zip(("prompt", "position", "dim"), diff.max_abs_at, strict=True)),
                 "tolerance": tol.layers[index],
-                "exceeds": bool(diff.rel_diff > tol.layers[index]),
+                "exceeds": not diff.rel_diff <= tol.layers[index],  # NaN exceeds
                 "routing": routing,
             }
         )
@@ -161,18 +162,63 @@ def greedy_section(reference: ReferenceRun, jax_run: JaxRun, decode) -> dict:
     return {"exact_match_rate": exact / max(len(prompts), 1), "prompts": prompts}
 
 
+def non_finite_findings(reference: ReferenceRun, jax_run: JaxRun, names: Sequence[str]) -> list[dict]:
+    """Where NaN or inf first appear, per side: the lowest hidden-state index (then prompt and position), and
+    the first logit position. A non-finite value is a divergence in itself, named where it first appears."""
+    found = []
+    for side, sequences in (("reference", reference.sequences), ("jax", jax_run.sequences)):
+        at = metrics.first_non_finite([s.hidden for s in sequences])
+        if at is not None:
+            index = at[0]
+            found.append(
+                {
+                    "side": side,
+                    "state": index,
+                    "where": f"hidden state {index} = {names[index]}",
+                    "at": at[1:],
+                }
+            )
+    ref_logits = metrics.first_non_finite([s.logits.values[None] for s in reference.sequences])
+    if ref_logits is not None:
+        found.append({"side": "reference", "state": None, "where": "logits", "at": ref_logits[1:]})
+    # the JAX logits are kept only as metrics against the reference; non-finite there with a finite reference
+    jax_logits = metrics.first_non_finite(
+        [np.asarray(m["max_abs"])[None, :] for m in jax_run.position_metrics]
+    )
+    if jax_logits is not None and ref_logits is None:
+        found.append({"side": "jax", "state": None, "where": "logits", "at": jax_logits[1:]})
+    return found
+
+
+def _non_finite_reason(finding: dict) -> str:
+    prompt, position = finding["at"]
+    return (
+        f"non-finite values: the {finding['side']} side's {finding['where']} first holds NaN or inf "
+        f"(prompt {prompt}, position {position})"
+    )
+
+
 def verdict(
-    logits_summary: dict, tol: Tolerances, layers: list[dict], greedy: dict, determinism: list[dict]
+    logits_summary: dict,
+    tol: Tolerances,
+    layers: list[dict],
+    greedy: dict,
+    determinism: list[dict],
+    non_finite: Sequence[dict] = (),
 ) -> dict:
-    reasons = []
+    reasons = [_non_finite_reason(f) for f in non_finite]
     mean_kl, p99 = logits_summary["kl"]["mean"], logits_summary["max_abs"]["p99"]
-    if not mean_kl <= tol.mean_kl:
-        reasons.append(f"logits: mean KL {mean_kl:.3g} exceeds the tolerance {tol.mean_kl:.3g}")
-    if not p99 <= tol.p99_max_abs:
-        reasons.append(f"logits: p99 max |diff| {p99:.3g} exceeds the tolerance {tol.p99_max_abs:.3g}")
-    exceeding = [layer for layer in layers if layer["exceeds"]]
-    first_layer = exceeding[0]["index"] if exceeding else None
-    if exceeding:
+    for label, value, limit in (("mean KL", mean_kl, tol.mean_kl), ("p99 max |diff|", p99, tol.p99_max_abs)):
+        if not (np.isfinite(value) and np.isfinite(limit)):
+            if not non_finite:
+                reasons.append(f"logits: {label} is not finite ({value}; tolerance {limit})")
+        elif value > limit:
+            reasons.append(f"logits: {label} {value:.3g} exceeds the tolerance {limit:.3g}")
+    states = [f["state"] for f in non_finite if f["state"] is not None]
+    exceeding = [layer for layer in layers if layer["exceeds"] and np.isfinite(layer["rel_diff"])]
+    candidates = states + [layer["index"] for layer in exceeding]
+    first_layer = min(candidates) if candidates else None
+    if exceeding and (not states or exceeding[0]["index"] < min(states)):
         layer = exceeding[0]
         at = layer["max_abs_at"]
         reasons.append(
@@ -218,7 +264,9 @@ def build_report(
     n_states = reference.sequences[0].hidden.shape[0]
     tol = tolerances(dtype, reference.calibration, n_states)
     near_tie = NEAR_TIE.get(dtype, NEAR_TIE["bfloat16"])
-    layers = layer_entries(reference, jax_run, tol, layer_names(layer_types), near_tie)
+    names = layer_names(layer_types)
+    layers = layer_entries(reference, jax_run, tol, names, near_tie)
+    non_finite = non_finite_findings(reference, jax_run, names)
     summary = metrics.summarise_positions(list(jax_run.position_metrics))
     greedy = greedy_section(reference, jax_run, decode)
     determinism = [*reference.determinism, *jax_run.determinism]
@@ -244,7 +292,7 @@ def build_report(
         "tool": {"name": "qwen-jax-audit", "version": tool_version},
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "claim": CLAIM,
-        "verdict": verdict(summary, tol, layers, greedy, determinism),
+        "verdict": verdict(summary, tol, layers, greedy, determinism, non_finite),
         "settings": settings,
         "manifest": {"reference": reference.manifest, "jax": jax_manifest, "differences": differences},
         "tolerances": tol.to_json(),

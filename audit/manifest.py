@@ -13,8 +13,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from conversion.safetensors_io import file_sha256 as sha256_file
-
 #: Keys whose difference between the reference bundle and the current run is warned about loudly.
 CONTRACT_KEYS = (
     "dtype",
@@ -25,6 +23,13 @@ CONTRACT_KEYS = (
     "chat_template_sha256",
     "prompts_sha256",
 )
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file (:func:`conversion.safetensors_io.file_sha256`, imported on use: it loads JAX)."""
+    from conversion.safetensors_io import file_sha256
+
+    return file_sha256(path)
 
 
 def sha256_text(text: str) -> str:

@@ -132,22 +132,46 @@ class LayerDiff:
 def layer_diffs(ref: list[np.ndarray], ours: list[np.ndarray]) -> list[LayerDiff]:
     """Per hidden-state index: rel_diff over all prompts and positions, and the max |diff| with its coordinate.
 
-    ``ref`` and ``ours`` hold one [n_states, T, H] array per prompt."""
+    ``ref`` and ``ours`` hold one [n_states, T, H] array per prompt.
+    A hidden state holding NaN or inf on either side has rel_diff and max_abs NaN (never a reassuring 0), and
+    ``max_abs_at`` is its first non-finite coordinate."""
     n_states = ref[0].shape[0]
     out = []
     for layer in range(n_states):
         dot = norms = 0.0
         best, where = -1.0, (0, 0, 0)
+        non_finite = None
         for prompt, (r, o) in enumerate(zip(ref, ours, strict=True)):
             x, y = np.asarray(r[layer], np.float64), np.asarray(o[layer], np.float64)
+            d = np.abs(x - y)
+            if non_finite is None and not np.isfinite(d).all():
+                at = np.argwhere(~np.isfinite(d))[0]
+                non_finite = (prompt, int(at[0]), int(at[1]))
+            if non_finite is not None:
+                continue
             dot += float((x * y).sum())
             norms += float((x**2).sum() + (y**2).sum())
-            d = np.abs(x - y)
             at = np.unravel_index(int(d.argmax()), d.shape)
             if d[at] > best:
                 best, where = float(d[at]), (prompt, int(at[0]), int(at[1]))
-        out.append(LayerDiff(1.0 - 2.0 * dot / norms if norms > 0 else 0.0, best, where))
+        if non_finite is not None:
+            out.append(LayerDiff(float("nan"), float("nan"), non_finite))
+        else:
+            out.append(LayerDiff(1.0 - 2.0 * dot / norms if norms > 0 else 0.0, best, where))
     return out
+
+
+def first_non_finite(arrays: list[np.ndarray]) -> tuple[int, int, int] | None:
+    """(index, prompt, position) of the first NaN or inf in per-prompt arrays [n, T, ...] (hidden states
+    [n_states, T, H]: the lowest hidden-state index first, then the lowest prompt and position), or None."""
+    if not arrays:
+        return None
+    for index in range(arrays[0].shape[0]):
+        for prompt, a in enumerate(arrays):
+            bad = ~np.isfinite(np.asarray(a[index]))
+            if bad.any():
+                return index, prompt, int(np.argwhere(bad)[0][0])
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

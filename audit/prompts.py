@@ -17,7 +17,7 @@ from typing import Any
 from audit.errors import AuditInputError
 from audit.manifest import sha256_file, sha256_text
 from audit.records import Prompt
-from qwen_jax.chat import ChatTemplateError, apply_chat_template, load_default_chat_template
+from qwen_jax.chat import RENDERER_ARGUMENTS, ChatTemplateError, load_default_chat_template, render_chat
 from qwen_jax.tokenizer import QwenTokenizer, TokenizerLoadError, load_tokenizer
 
 
@@ -40,6 +40,13 @@ class TokenizerBundle:
     @property
     def template_sha256(self) -> str:
         return sha256_text(self.template)
+
+    @property
+    def template_source(self) -> str:
+        """The file the template was read from, for error messages."""
+        if self.tokenizer.chat_template is None:
+            return "the Qwen3.6 chat template shipped with qwen_jax"
+        return self.tokenizer.chat_template_source or "the checkpoint's chat template"
 
     @property
     def tokenizer_sha256(self) -> str:
@@ -114,16 +121,24 @@ def render(spec: PromptSpec, bundle: TokenizerBundle) -> Prompt:
     if spec.text is not None:
         text = spec.text
     else:
+        reserved = {*RENDERER_ARGUMENTS, *bundle.tokenizer.special_tokens_map}
+        clashing = sorted(set(spec.chat_template_kwargs) & reserved)
+        if clashing:
+            raise AuditInputError(
+                f"prompt {spec.name!r}: chat_template_kwargs sets {', '.join(clashing)}, which the renderer sets "
+                "itself (the generation prompt and the tokenizer's special tokens)"
+            )
         try:
-            text = apply_chat_template(
+            text = render_chat(
                 bundle.template,
                 [dict(m) for m in spec.messages],
+                source=bundle.template_source,
                 add_generation_prompt=True,
                 **bundle.tokenizer.special_tokens_map,
                 **spec.chat_template_kwargs,
             )
         except ChatTemplateError as exc:
-            raise AuditInputError(f"prompt {spec.name!r}: the chat template refused it: {exc}") from None
+            raise AuditInputError(f"prompt {spec.name!r}: the chat template failed: {exc}") from None
     ids = bundle.tokenizer.encode(text)
     if not ids:
         raise AuditInputError(f"prompt {spec.name!r}: empty after tokenization")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +139,8 @@ def load_bundle(directory: str | Path) -> ReferenceRun:
     try:
         with np.load(directory / ARRAYS) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as exc:
-        raise AuditInputError(f"{directory / ARRAYS}: unreadable ({exc})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # truncated or corrupt
+        raise AuditInputError(f"{directory / ARRAYS}: unreadable, truncated or corrupt ({exc})") from None
     prompts = tuple(Prompt(p["name"], p["text"], tuple(p["ids"])) for p in prompts_json["prompts"])
     try:
         sequences = tuple(

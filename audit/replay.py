@@ -57,7 +57,7 @@ from audit.scoring import (
     quirk_flag,
     replay_content,
 )
-from qwen_jax.chat import ChatTemplateError, apply_chat_template
+from qwen_jax.chat import ChatTemplateError, render_chat
 from qwen_jax.replies import apply_until
 
 __all__ = [
@@ -316,7 +316,9 @@ def _prepare(
 ) -> _Prepared:
     messages = sample.messages()  # SamplesError naming file:line when arg_0 is not a JSON chat
     try:
-        text = apply_chat_template(chat_template, messages, add_generation_prompt=True, **template_kwargs)
+        text = render_chat(
+            chat_template, messages, source="the chat template", add_generation_prompt=True, **template_kwargs
+        )
     except (ChatTemplateError, TypeError) as err:
         raise SamplesError(f"{sample.where}: the chat template rejected the messages: {err}") from None
     hash_ok = prompt_hash(sample.prompt) == sample.prompt_hash

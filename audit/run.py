@@ -57,6 +57,8 @@ class Inputs:
                 for s in list(f)[: args.limit]
             ]
             source = samples["source"]
+            if not specs:
+                raise AuditInputError(f"{source}: no samples to audit (an empty samples file?)")
         elif args.checkpoint is None:
             specs = [PromptSpec(p["name"], messages=tuple(p["messages"])) for p in demo.DEMO_PROMPTS]
             source = DEMO_SOURCE
@@ -136,13 +138,16 @@ def _samples(args) -> dict | None:
 
 def _stop_token_ids(checkpoint: Path) -> tuple[int, ...]:
     from qwen_jax.config import ConfigError, ModelConfig
-    from qwen_jax.generate import DEFAULT_STOP_TOKEN_IDS
 
     try:
         cfg = ModelConfig.from_json(checkpoint / "config.json")
     except ConfigError as exc:
         raise AuditInputError(str(exc)) from None
-    return tuple(cfg.generation_eos_token_ids or DEFAULT_STOP_TOKEN_IDS)
+    if cfg.generation_eos_token_ids:
+        return tuple(cfg.generation_eos_token_ids)
+    from qwen_jax.generate import DEFAULT_STOP_TOKEN_IDS  # imports JAX: only when needed
+
+    return tuple(DEFAULT_STOP_TOKEN_IDS)
 
 
 def _contract(
@@ -186,9 +191,12 @@ def _record_live(inputs: Inputs, args) -> ReferenceRun:
 
 
 def record(args) -> int:
-    from audit.records import save_bundle
+    from audit.records import MANIFEST, save_bundle
 
+    if args.out.exists() and not (args.out / MANIFEST).is_file():
+        raise AuditInputError(f"{args.out}: exists and is not a reference bundle; refusing to overwrite it")
     inputs = Inputs.from_args(args)
+    preflight(inputs, inputs.checkpoint, live=True)
     for warning in inputs.tokens.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     run = _record_live(inputs, args)
@@ -197,13 +205,100 @@ def record(args) -> int:
     return 0
 
 
+def _is_orbax(path: Path) -> bool:
+    """A directory written by ``python -m conversion convert`` (a manifest and no safetensors)."""
+    from qwen_jax.checkpoint import MANIFEST
+
+    return (path / MANIFEST).is_file() and not any(path.glob("*.safetensors"))
+
+
 def _load_jax_model(path: Path, dtype: str):
-    """An HF safetensors dir (loaded by ``qwen_jax.load_hf``) or an Orbax dir from ``python -m conversion``."""
+    """An HF safetensors dir (loaded by ``qwen_jax.load_hf``) or an Orbax dir from ``python -m conversion``, whose
+    leaves are checked against the sha256 its manifest records."""
     import qwen_jax
 
-    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
-        return qwen_jax.load_hf(path, dtype)
-    return qwen_jax.load(path, dtype=dtype)
+    if _is_orbax(path):
+        return qwen_jax.load(path, dtype=dtype, verify=True)
+    return qwen_jax.load_hf(path, dtype)
+
+
+def validate_hf_checkpoint(path: Path, dtype: str):
+    """The project's own strict checks on an HF checkpoint, before transformers or JAX loads it (transformers'
+    own errors on a broken checkpoint are tracebacks, and it would hand a pickle file to ``torch.load``): the
+    files (pickle-only directories refused, never unpickled; shards of the index present), every safetensors
+    header (offsets within the file: truncation), every tensor against config.json (shape, float dtype, each
+    parameter set exactly once), then every tensor's values, read one at a time, for NaN and infinity. The
+    conversion plan of :mod:`conversion.layout` does the header part; returns it."""
+    from conversion.layout import build_plan
+    from conversion.safetensors_io import read_tensor
+
+    plan = build_plan(path, dtype)
+    for leaf in plan.leaves:
+        for source in leaf.sources:
+            read_tensor(path, source.tensor)  # CheckpointError naming the tensor and file on NaN or inf
+    return plan
+
+
+def _weights_bytes(weights: Path, dtype: str, plan) -> int:
+    """Bytes of the JAX side's weights in ``dtype``: from the validation plan, or an Orbax manifest's shapes."""
+    import math
+
+    import numpy as np
+
+    from qwen_jax.checkpoint import read_manifest
+    from qwen_jax.model import resolve_dtype
+
+    if plan is not None:
+        return sum(math.prod(leaf.shape) for leaf in plan.leaves) * plan.dtype.itemsize
+    itemsize = np.dtype(resolve_dtype(dtype)).itemsize
+    return sum(math.prod(entry["shape"]) for entry in read_manifest(weights)["leaves"]) * itemsize
+
+
+def preflight(inputs: Inputs, weights: Path, live: bool) -> None:
+    """Everything that can be checked before either side runs, cheapest first: each prompt plus the new tokens
+    within the model's context; the JAX weights directory (an Orbax conversion in bfloat16 is refused for a float32
+    audit); the strict checkpoint validation (:func:`validate_hf_checkpoint`) of the checkpoint the reference loads
+    (``live``) and of HF weights for the JAX side; and the memory the JAX run needs (its weights plus the decode
+    state of the batched greedy run) against what is free."""
+    from qwen_jax.config import ConfigError, ModelConfig
+    from qwen_jax.limits import check_context, check_memory, decode_state_bytes, free_memory_bytes
+
+    try:
+        cfg = ModelConfig.from_json(
+            weights / "config.json" if weights.is_dir() else inputs.checkpoint / "config.json"
+        )
+    except ConfigError as exc:
+        raise AuditInputError(str(exc)) from None
+    for prompt in inputs.prompts:
+        check_context(
+            len(prompt.ids), inputs.max_new_tokens, cfg.max_position_embeddings, f"prompt {prompt.name!r}"
+        )
+    if not weights.is_dir():
+        raise AuditInputError(f"{weights}: JAX checkpoint directory not found")
+    orbax = _is_orbax(weights)
+    if orbax:
+        from qwen_jax.checkpoint import read_manifest
+
+        stored = read_manifest(weights)["dtype"]
+        if stored == "bfloat16" and inputs.dtype == "float32":
+            raise AuditInputError(
+                f"{weights}: holds bfloat16 weights (manifest.json) but the audit runs in float32: the JAX side "
+                "would compare bf16-rounded weights with the float32 reference; convert with --dtype float32 or "
+                "audit with --dtype bfloat16"
+            )
+    plan = validate_hf_checkpoint(inputs.checkpoint, inputs.dtype) if live else None
+    if not orbax and (plan is None or weights.resolve() != inputs.checkpoint.resolve()):
+        plan = validate_hf_checkpoint(weights, inputs.dtype)
+    import jax.numpy as jnp
+
+    batch = len(inputs.prompts)
+    length = max(len(p.ids) for p in inputs.prompts) + inputs.max_new_tokens
+    need = _weights_bytes(weights, inputs.dtype, None if orbax else plan)
+    need += decode_state_bytes(cfg, batch, length, jnp.dtype(inputs.dtype))
+    free, where = free_memory_bytes()
+    check_memory(
+        need, free, where, f"the JAX side ({batch} prompts of up to {length} tokens, with its weights)"
+    )
 
 
 def _jax_manifest(weights: Path, inputs_like: dict) -> dict:
@@ -278,10 +373,11 @@ def compare(args, version: str) -> int:
         inputs = Inputs.from_bundle(args, reference)
     else:
         inputs = Inputs.from_args(args)
-        reference = _record_live(inputs, args)
+        reference = None
     weights = inputs.checkpoint if args.jax_checkpoint is None else args.jax_checkpoint
-    if not weights.is_dir():
-        raise AuditInputError(f"{weights}: JAX checkpoint directory not found")
+    preflight(inputs, weights, live=reference is None)
+    if reference is None:
+        reference = _record_live(inputs, args)
     model = _load_jax_model(weights, inputs.dtype)
     jax_run = jax_side.run_jax(
         model,
