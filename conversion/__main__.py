@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 
-from conversion import UsageError
+from conversion import UsageError, check_convert_paths
 from qwen_jax.cli_contract import EXIT_BAD_INPUT, EXIT_FINDING, OneLineParser, run_guarded
 
 EXIT_MISMATCH = EXIT_FINDING
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     if args.command == "convert":
+        check_convert_paths(args.hf, args.out)  # before JAX is imported
         from conversion.convert import convert
 
         out = convert(args.hf, args.out, args.dtype, progress=not args.no_progress)

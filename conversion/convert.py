@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from conversion import UsageError
+from conversion import UsageError, check_convert_paths
 from conversion.layout import Plan, assemble_leaf, build_plan
 from conversion.safetensors_io import file_sha256
 from qwen_jax.checkpoint import (
@@ -45,7 +45,6 @@ from qwen_jax.checkpoint import (
     read_manifest,
     restore_leaf,
 )
-from qwen_jax.cli_contract import check_output_dir
 from qwen_jax.loading import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -185,11 +184,7 @@ def convert(hf: str | Path, out: str | Path, dtype: str = "bfloat16", progress: 
     import orbax.checkpoint as ocp
 
     hf, out = Path(hf), Path(out).absolute()  # Orbax wants absolute paths
-    if not hf.is_dir():
-        raise UsageError(f"{hf}: HF checkpoint directory not found")
-    if out.exists() and not (out / MANIFEST).is_file():
-        raise UsageError(f"{out}: exists and is not a converted checkpoint; refusing to touch it")
-    check_output_dir(out, "--out")
+    check_convert_paths(hf, out)
     plan = build_plan(hf, dtype)
     fingerprint = source_fingerprint(plan, dtype)
     if out.exists():

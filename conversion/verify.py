@@ -73,18 +73,23 @@ def _differing_tensors(hf: Path, leaf: LeafPlan, actual: np.ndarray) -> list[str
     return names
 
 
-def source_file_mismatches(hf: Path, files: list[str], recorded: dict, manifest: Path) -> list[str]:
-    """The HF files whose size or sha256 differs from what the conversion recorded in its manifest (a change the
-    dtype cast could hide, such as a flipped low bit of an F32 tensor converted to bf16), and files added or gone."""
+def source_file_mismatches(
+    hf: Path, files: list[str], recorded: dict, manifest: Path
+) -> list[tuple[str, str]]:
+    """(file, problem) for each HF file whose size or sha256 differs from what the conversion recorded in its
+    manifest (a change the dtype cast could hide, such as a flipped low bit of an F32 tensor converted to bf16),
+    and each file added or gone."""
     problems = []
     for file in sorted(set(files) | set(recorded)):
         entry = recorded.get(file)
         if entry is None:
-            problems.append(f"source file {hf / file} is not among the files recorded in {manifest}")
+            problems.append((file, f"source file {hf / file} is not among the files recorded in {manifest}"))
         elif file not in files:
-            problems.append(f"source file {file} recorded in {manifest} is no longer part of {hf}")
+            problems.append((file, f"source file {file} recorded in {manifest} is no longer part of {hf}"))
         elif (hf / file).stat().st_size != entry.get("size") or file_sha256(hf / file) != entry.get("sha256"):
-            problems.append(f"source file {hf / file}: sha256 differs from the one recorded in {manifest}")
+            problems.append(
+                (file, f"source file {hf / file}: sha256 differs from the one recorded in {manifest}")
+            )
     return problems
 
 
@@ -94,7 +99,7 @@ def verify(hf: str | Path, ckpt: str | Path, progress: bool = True) -> VerifyRep
     plan = build_plan(hf, manifest["dtype"])
     entries = {e["name"]: e for e in manifest["leaves"]}
     report = VerifyReport()
-    report.mismatches += source_file_mismatches(hf, plan.files, manifest.get("sources", {}), ckpt / MANIFEST)
+    changed_sources = source_file_mismatches(hf, plan.files, manifest.get("sources", {}), ckpt / MANIFEST)
     extra = sorted(set(entries) - {leaf_name(leaf.path) for leaf in plan.leaves})
     report.mismatches += [f"leaf {name} is in the checkpoint but not in the HF model" for name in extra]
     total = sum(leaf.nbytes for leaf in plan.leaves)
@@ -125,4 +130,7 @@ def verify(hf: str | Path, ckpt: str | Path, progress: bool = True) -> VerifyRep
             release_freed_memory()
             report.checked += 1
             bar.update(leaf.nbytes)
+    # a changed file whose tensors already differ is named by them; one whose leaves all match is named here
+    named = " ".join(report.mismatches)
+    report.mismatches += [problem for file, problem in changed_sources if str(hf / file) not in named]
     return report

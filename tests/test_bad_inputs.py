@@ -486,3 +486,112 @@ def test_full_disk_keeps_the_partial_conversion_and_a_rerun_resumes(world, outco
     rerun = run_case(dataclasses.replace(case, file_size_limit=None), world)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming" in rerun.stderr and (out / "manifest.json").is_file() and not partial.exists()
+
+
+# ------------------------------------------------------------------------------- non-finite values in the audit
+
+
+def _runs(jax_hidden_nan_at=None, jax_logits_nan_at=None, ref_hidden_nan_at=None):
+    """A reference and a JAX run of two prompts that agree exactly, with NaN placed where asked."""
+    from audit import determinism, metrics
+    from audit.jax_side import JaxRun
+    from audit.records import Prompt, ReferenceRun, SequenceRecord
+
+    rng = np.random.default_rng(0)
+    n_states, length, hidden, vocab, k = 5, 6, 8, 16, 2
+    refs, ours, position_metrics = [], [], []
+    for prompt in range(2):
+        tokens = rng.integers(0, vocab, length).astype(np.int32)
+        h = rng.normal(size=(n_states, length, hidden)).astype(np.float32)
+        logits = rng.normal(size=(length, vocab)).astype(np.float32)
+        experts = np.tile(np.arange(k, dtype=np.int32), (n_states - 1, length, 1))
+        probs = np.tile(np.array([0.5, 0.3, 0.2], np.float32), (n_states - 1, length, 1))
+        ref_ids = np.tile(np.arange(k + 1, dtype=np.int32), (n_states - 1, length, 1))
+        ref_h, jax_h, jax_logits = h.copy(), h.copy(), logits.copy()
+        if ref_hidden_nan_at is not None and ref_hidden_nan_at[1] == prompt:
+            ref_h[ref_hidden_nan_at[0], ref_hidden_nan_at[2] :] = np.nan
+        if jax_hidden_nan_at is not None and jax_hidden_nan_at[1] == prompt:
+            jax_h[jax_hidden_nan_at[0], jax_hidden_nan_at[2] :] = np.nan
+        if jax_logits_nan_at is not None and jax_logits_nan_at[0] == prompt:
+            jax_logits[jax_logits_nan_at[1] :] = np.nan
+        view = metrics.logit_view(logits)
+        generated = tokens[-2:]
+        refs.append(SequenceRecord(4, tokens, generated, ref_h, experts, view, ref_ids, probs))
+        ours.append(SequenceRecord(4, tokens, generated, jax_h, experts))
+        position_metrics.append(metrics.per_position_logit_metrics(view, jax_logits))
+    reference = ReferenceRun(
+        prompts=tuple(Prompt(f"p{i}", "t", (1, 2, 3, 4)) for i in range(2)),
+        sequences=tuple(refs),
+        manifest={"dtype": "float32"},
+        calibration=None,
+        determinism=(determinism.logits_check("reference", [(True, 0.0)]),),
+    )
+    jax_run = JaxRun(tuple(ours), tuple(position_metrics), (None, None), (), None)
+    return reference, jax_run
+
+
+def _report(reference, jax_run) -> dict:
+    from audit.compare import build_report
+
+    settings = {
+        "dtype": "float32",
+        "seed": 0,
+        "max_new_tokens": 2,
+        "checkpoint": "c",
+        "jax_checkpoint": None,
+        "prompts_source": "test",
+        "reference_source": "live",
+        "reasoning_split": None,
+    }
+    return build_report(
+        reference=reference,
+        jax_run=jax_run,
+        settings=settings,
+        jax_manifest={"dtype": "float32"},
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+        decode=lambda ids: " ".join(map(str, ids)),
+        tool_version="test",
+    )
+
+
+def test_agreeing_runs_agree():
+    report = _report(*_runs())
+    assert report["verdict"]["status"] == "agree", report["verdict"]
+
+
+def test_a_nan_hidden_state_is_a_divergence_named_where_it_first_appears():
+    from audit.report import render_html, terminal_summary, validate_report
+
+    report = _report(*_runs(jax_hidden_nan_at=(3, 1, 4)))
+    verdict = report["verdict"]
+    assert verdict["status"] == "diverge" and verdict["exit_code"] == 1
+    assert verdict["first_diverging_layer"] == 3
+    assert verdict["reasons"][0] == (
+        "non-finite values: the jax side's hidden state 3 = layer 2 (linear_attention) first holds NaN or inf "
+        "(prompt 1, position 4)"
+    )
+    assert not any("nan" in r for r in verdict["reasons"]), verdict["reasons"]
+    layer = report["layers"][3]
+    assert layer["exceeds"] is True and layer["rel_diff"] is None and layer["max_abs"] is None
+    assert layer["max_abs_at"] == {"prompt": 1, "position": 4, "dim": 0}
+    assert all(not entry["exceeds"] for entry in report["layers"][:3])  # never "rel_diff 0.0, exceeds false"
+    validate_report(report)
+    assert "VERDICT: DIVERGE" in terminal_summary(report) and "non-finite" in render_html(report)
+
+
+def test_nan_logits_are_named_not_compared_as_numbers():
+    report = _report(*_runs(jax_logits_nan_at=(0, 2)))
+    verdict = report["verdict"]
+    assert verdict["status"] == "diverge"
+    assert verdict["reasons"][0] == (
+        "non-finite values: the jax side's logits first holds NaN or inf (prompt 0, position 2)"
+    )
+    assert not any("exceeds the tolerance nan" in r or "KL nan" in r for r in verdict["reasons"])
+
+
+def test_a_nan_in_the_reference_is_blamed_on_the_reference():
+    verdict = _report(*_runs(ref_hidden_nan_at=(1, 0, 0)))["verdict"]
+    assert verdict["status"] == "diverge" and verdict["first_diverging_layer"] == 1
+    assert verdict["reasons"][0].startswith(
+        "non-finite values: the reference side's hidden state 1 = layer 0"
+    )
