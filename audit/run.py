@@ -297,7 +297,10 @@ def preflight(inputs: Inputs, weights: Path, live: bool) -> None:
     need += decode_state_bytes(cfg, batch, length, jnp.dtype(inputs.dtype))
     free, where = free_memory_bytes()
     check_memory(
-        need, free, where, f"the JAX side ({batch} prompts of up to {length} tokens, with its weights)"
+        need,
+        free,
+        where,
+        f"the run ({batch} prompts of up to {length} tokens: the weights and the decode state)",
     )
 
 

@@ -29,7 +29,8 @@ Bounds (transformers has none; a template is untrusted input): one render may cr
 hours), build no string or list longer than :data:`MAX_RENDERED_CHARS` by ``*`` or ``+`` (``'a' * 10**9``), raise
 no integer to a power above :data:`MAX_POWER`, and render at most :data:`MAX_RENDERED_CHARS` characters. Each is a
 ``jinja2.exceptions.SecurityError``. :func:`render_chat` turns every template failure (syntax error, sandbox
-refusal, undefined attribute, a bound) into one :class:`ChatTemplateError` line naming the template's file.
+refusal, undefined attribute, a bound) into one :class:`ChatTemplateError` line naming the template's file (a
+template's own ``raise_exception`` message is kept as it is).
 """
 
 from __future__ import annotations
@@ -336,14 +337,15 @@ def apply_chat_template(
 
 def render_chat(template: str, messages: list[dict], *, source: str, **kwargs: Any) -> str:
     """:func:`apply_chat_template` for the command lines: any failure of the template (a syntax error, a sandbox
-    refusal, an undefined attribute, a bound, ``raise_exception``, an error inside an expression) is one
-    :class:`ChatTemplateError` whose message names ``source``, the template's file."""
+    refusal, an undefined attribute, a bound, an error inside an expression) is one :class:`ChatTemplateError` whose
+    message names ``source``, the template's file; a template's own ``raise_exception(message)`` keeps its
+    message unchanged."""
     try:
         return apply_chat_template(template, messages, **kwargs)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise ChatTemplateError(f"{source}: template syntax error on line {e.lineno}: {e.message}") from None
-    except ChatTemplateError as e:
-        raise ChatTemplateError(f"{source}: {e.message}") from None
+    except ChatTemplateError:
+        raise  # the template's own raise_exception message (or an empty conversation), as transformers gives it
     except (jinja2.exceptions.TemplateError, ArithmeticError, TypeError, ValueError, LookupError) as e:
         kind = (
             "refused by the sandbox" if isinstance(e, jinja2.exceptions.SecurityError) else type(e).__name__

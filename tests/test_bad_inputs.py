@@ -14,6 +14,8 @@ import dataclasses
 import io
 import json
 import os
+import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -420,9 +422,14 @@ def outcomes(world, request) -> dict[str, subprocess.CompletedProcess]:
     }
     cases = [c for c in CASES if c.name in selected and not (c.skip_as_root and IS_ROOT)]
     (world["root"] / "outputs").mkdir(exist_ok=True)
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         futures = {c.name: pool.submit(run_case, c, world) for c in cases}
-        return {name: future.result() for name, future in futures.items()}
+        results = {name: future.result() for name, future in futures.items()}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    print(f"{len(cases)} cases: {time.perf_counter() - start:.1f}s wall, {cpu:.1f}s CPU in subprocesses")
+    return results
 
 
 def test_the_table_covers_at_least_45_cases(outcomes):
@@ -595,3 +602,27 @@ def test_a_nan_in_the_reference_is_blamed_on_the_reference():
     assert verdict["reasons"][0].startswith(
         "non-finite values: the reference side's hidden state 1 = layer 0"
     )
+
+
+# ------------------------------------------------------------------------------- the library checks the same limits
+
+
+def test_generate_and_stream_generate_check_the_limits_before_allocating(world):
+    from qwen_jax import generate, load_hf, stream_generate
+    from qwen_jax.limits import LimitError
+
+    model = load_hf(world["demo"], "float32")
+    context = model.cfg.max_position_embeddings
+    bad = {
+        "max_new_tokens must be a positive integer": dict(prompts=[[1, 2]], max_new_tokens=0),
+        "max_new_tokens must be a positive integer, got -1": dict(prompts=[[1, 2]], max_new_tokens=-1),
+        "empty (row 1 of 2)": dict(prompts=[[1, 2], []], max_new_tokens=2),
+        f"exceeds the model's context of {context}": dict(prompts=[[1, 2]], max_new_tokens=context),
+    }
+    for needle, kw in bad.items():
+        with pytest.raises(LimitError, match=re.escape(needle)):
+            generate(model, kw["prompts"], max_new_tokens=kw["max_new_tokens"])
+    with pytest.raises(LimitError, match="prompt is empty"):
+        next(stream_generate(model, [], max_new_tokens=2))
+    with pytest.raises(LimitError, match=f"context of {context}"):
+        next(stream_generate(model, [1, 2, 3], max_new_tokens=context))
