@@ -1,10 +1,13 @@
-"""Command line: ``python -m qwen_jax generate --checkpoint DIR --prompt "..." [--chat] [--max-new-tokens N]``."""
+"""Command line: ``python -m qwen_jax generate --checkpoint DIR --prompt "..." [--chat] [--max-new-tokens N]``, and
+``python -m qwen_jax serve --checkpoint DIR`` (an OpenAI-compatible server, ``qwen_jax.server``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+from qwen_jax.server import add_serve_parser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-thinking", action="store_true", help="with --chat: enable_thinking=False")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    add_serve_parser(commands)
     return parser
 
 
@@ -60,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     from qwen_jax.tokenizer import TokenizerLoadError
 
     try:
+        if args.command == "serve":
+            from qwen_jax.server import serve_command
+
+            return serve_command(args)
         return generate_command(args)
     except (CheckpointError, ConfigError, TokenizerLoadError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
