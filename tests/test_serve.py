@@ -219,11 +219,21 @@ cli_evaluate()
 """
 
 
-def _write_task(directory: Path, max_gen_toks: int) -> None:
+def _same_length_instructions(tokenizer, count: int) -> list[str]:
+    """``count`` three-word instructions whose chat prompts have one token length: the audit then compiles its
+    per-length JAX programs once instead of once per document (its replay prefills without bucketing)."""
+    by_length: dict[int, list[str]] = {}
+    for i in range(len(WORDS) - 2):
+        text = " ".join(WORDS[i : i + 3])
+        message = {"role": "user", "content": text, "type": "text"}  # as lm-eval sends it
+        by_length.setdefault(len(_render(tokenizer, [message], enable_thinking=False)), []).append(text)
+    return next(texts[:count] for texts in by_length.values() if len(texts) >= count)
+
+
+def _write_task(directory: Path, instructions: list[str], max_gen_toks: int) -> None:
     docs = [
-        {"instruction": "Привет! Как дела?", "outputs": "B", "meta": {"id": 0}},
-        {"instruction": " ".join(WORDS[:5]), "outputs": "A", "meta": {"id": 1}},
-        {"instruction": "Выбери все правильные ответы.", "outputs": "A, C", "meta": {"id": 2}},
+        {"instruction": text, "outputs": gold, "meta": {"id": k}}
+        for k, (text, gold) in enumerate(zip(instructions, ("B", "A", "A, C"), strict=True))
     ]
     (directory / "docs.jsonl").write_text(
         "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"
@@ -234,12 +244,14 @@ def _write_task(directory: Path, max_gen_toks: int) -> None:
     (directory / "serve_smoke_utils.py").write_text(TASK_UTILS, encoding="utf-8")
 
 
-def test_lm_eval_through_the_server_and_the_audit_reproduces_every_reply(server, demo_dir, tmp_path):
+def test_lm_eval_through_the_server_and_the_audit_reproduces_every_reply(
+    server, demo_dir, tokenizer, tmp_path
+):
     pytest.importorskip("lm_eval")
     max_gen_toks = 16
     task_dir = tmp_path / "task"
     task_dir.mkdir()
-    _write_task(task_dir, max_gen_toks)
+    _write_task(task_dir, _same_length_instructions(tokenizer, 3), max_gen_toks)
     env = {
         **os.environ,
         "HF_DATASETS_OFFLINE": "1",

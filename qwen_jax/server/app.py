@@ -61,7 +61,7 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     if first.get("type") == "extra_forbidden":
         return ApiError(400, f"unknown field {'.'.join(loc)!r}", param=".".join(loc) or None)
     where = ".".join(loc) or "body"
-    return ApiError(400, f"{where}: {first['msg']}", param=".".join(loc) or None)
+    return ApiError(400, f"{where}: {first['msg']}", param=loc[0] if loc else None)  # the top-level field
 
 
 def build_app(
