@@ -538,3 +538,56 @@ def test_batched_bf16_replies_are_generate_of_the_logged_batches(demo_dir, token
             stop = [request["stop"]] if isinstance(request.get("stop"), str) else request.get("stop") or []
             reply = next(r for r, body in zip(replies, requests, strict=True) if body == request)
             assert reply["choices"][0]["text"] == finish(tokenizer, expected, stop_ids, stop).text
+
+
+# ----------------------------------------------------------------------------------------------------
+# The batcher alone (no model), and bad command lines.
+
+
+def test_batcher_batches_rows_that_arrive_together_and_survives_a_failing_batch():
+    import asyncio
+
+    from qwen_jax.server.batcher import Batcher
+
+    batches = []
+
+    def run_batch(rows):
+        batches.append(list(rows))
+        if "boom" in rows:
+            raise RuntimeError("decoding failed")
+        time.sleep(0.05)  # a batch takes a while: rows that arrive meanwhile wait for the next one
+        return [row.upper() for row in rows]
+
+    async def scenario():
+        batcher = Batcher(run_batch, max_batch_size=3, wait_s=0.05)
+        await batcher.start()
+        try:
+            together = await asyncio.gather(*(batcher.submit([c]) for c in "abcdefg"))
+            with pytest.raises(RuntimeError, match="decoding failed"):
+                await batcher.submit(["boom"])
+            after = await batcher.submit(["x", "y"])
+        finally:
+            await batcher.stop()
+        return together, after
+
+    together, after = asyncio.run(scenario())
+    assert together == [[c.upper()] for c in "abcdefg"] and after == ["X", "Y"]
+    assert [len(b) for b in batches[:3]] == [3, 3, 1]  # 7 rows at once, at most 3 a batch, in arrival order
+    assert [row for b in batches[:3] for row in b] == list("abcdefg")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mesh", "ep=3"], "does not divide"),
+        (["--max-batch-size", "0"], "--max-batch-size must be at least 1"),
+    ],
+)
+def test_bad_serve_arguments_exit_2_with_one_line(demo_dir, args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "qwen_jax", "serve", "--checkpoint", str(demo_dir), *args],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr

@@ -54,16 +54,18 @@ class Batcher(Generic[RowT, ResultT]):
         return list(await asyncio.gather(*futures))
 
     async def _collect(self) -> list[tuple[RowT, asyncio.Future]]:
+        # Polls (1 ms) rather than ``wait_for(queue.get(), timeout)``, whose cancellation can drop a row.
+        loop = asyncio.get_running_loop()
         batch = [await self._queue.get()]
-        deadline = asyncio.get_running_loop().time() + self.wait_s
+        deadline = loop.time() + self.wait_s
         while len(batch) < self.max_batch_size:
-            timeout = deadline - asyncio.get_running_loop().time()
-            if timeout <= 0 and self._queue.empty():
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), max(timeout, 0)))
-            except TimeoutError:
-                break
+            await asyncio.sleep(min(remaining, 0.001))
         return [(row, future) for row, future in batch if not future.done()]  # done: its client went away
 
     async def _loop(self) -> None:
