@@ -399,6 +399,19 @@ def test_streaming_sends_the_same_reply(server):
     assert chunks[-1]["usage"] == whole["usage"]
 
 
+def test_a_completions_request_with_several_prompts_answers_each(server, tokenizer):
+    texts = [" ".join(WORDS[2:5]), " ".join(WORDS[6:8])]
+    ids = [tokenizer.encode(t) for t in texts]
+    alone = [
+        server.post("/v1/completions", {"prompt": t, "max_tokens": 6})["choices"][0]["text"] for t in texts
+    ]
+    assert alone[0] != alone[1]
+    for prompt in (texts, ids):  # several texts, or several token-id lists
+        both = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 6})
+        assert [(c["index"], c["text"]) for c in both["choices"]] == [(0, alone[0]), (1, alone[1])]
+        assert both["usage"]["prompt_tokens"] == sum(map(len, ids))
+
+
 def test_models_and_health(server, demo_dir):
     status, raw = server.call("GET", "/v1/models")
     assert status == 200

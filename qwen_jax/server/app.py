@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -214,7 +215,7 @@ def build_app(
         max_tokens = body.token_budget()
         try:
             text = engine.render_chat(body.messages, body.chat_template_kwargs)
-        except (ChatTemplateError, TypeError) as exc:
+        except (ChatTemplateError, TypeError, jinja2.TemplateError) as exc:
             raise ApiError(400, f"the chat template refused the messages: {exc}", param="messages") from None
         rows = [row(engine.encode(text), max_tokens)]
         decoded = await batcher.submit(rows)
