@@ -1,4 +1,5 @@
-"""Command line: ``python -m qwen_jax generate --checkpoint DIR --prompt "..." [--chat] [--max-new-tokens N]``.
+"""Command line: ``python -m qwen_jax generate --checkpoint DIR --prompt "..." [--chat] [--max-new-tokens N]``, and
+``python -m qwen_jax serve --checkpoint DIR`` (an OpenAI-compatible server, ``qwen_jax.server``).
 
 Exit codes (:mod:`qwen_jax.cli_contract`): 0 done, 2 bad input (one line naming the problem), 3 internal error."""
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 from qwen_jax.cli_contract import OneLineParser, run_guarded
+from qwen_jax.server import add_serve_parser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-thinking", action="store_true", help="with --chat: enable_thinking=False")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    add_serve_parser(commands)
     return parser
 
 
@@ -87,6 +90,10 @@ def generate_command(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        from qwen_jax.server import serve_command
+
+        return run_guarded(lambda: serve_command(args), (FileNotFoundError,))
     return run_guarded(lambda: generate_command(args), (FileNotFoundError,))
 
 
