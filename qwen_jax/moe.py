@@ -9,11 +9,13 @@ interchangeable backends: ``dense`` (a one-hot reference that runs every expert 
 (``jax.lax.ragged_dot``), ``gather`` (each row's own expert weights), ``blocked`` (block-padded groups) and
 ``auto`` (the fastest of those for the shape and platform). Both return one output per (token, slot); :func:`combine_slots`
 then adds the slots in ascending expert order with a rounding after each add, which is what HF's ``index_add_``
-loop over experts does in bf16.
+loop over experts does in bf16. Every backend is differentiable in reverse mode (``blocked`` through its written-out
+VJP), on one device and under expert parallelism.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -78,6 +80,23 @@ def gather_expert_ffn(x_sorted, group_sizes, gate_up, down):
     return out.astype(x_sorted.dtype)
 
 
+def _expert_block(rows, expert_gate_up, expert_down):
+    """One expert's SwiGLU FFN on a block of rows: fp32 accumulation, each product rounded to the rows' dtype."""
+    h = jnp.matmul(rows, expert_gate_up, preferred_element_type=F32).astype(rows.dtype)
+    return jnp.matmul(_split_gate_up(h), expert_down, preferred_element_type=F32).astype(rows.dtype)
+
+
+def _pad_rows(x: jax.Array, block: int) -> jax.Array:
+    """``x`` with ``block`` zero rows appended, so that a block starting at any row can be sliced."""
+    return jnp.concatenate([x, jnp.zeros((block, x.shape[1]), x.dtype)])
+
+
+def _block_mask(i, size, block: int) -> jax.Array:
+    """[block, 1]: which rows of an expert's ``i``-th block are its own (its last block may run past them)."""
+    return (i * block + jnp.arange(block) < size)[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block: int = 32):
     """A grouped matmul as two loops: over the experts, and within each over ``block``-row blocks of its rows.
 
@@ -85,10 +104,13 @@ def blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block: int = 32):
     them again for every block), and each block is one [block, hidden] matmul. A block that runs past its
     expert's rows computes them too but keeps only its own. The cost is the routed FLOPs plus under one block per
     expert, where XLA:CPU's ``ragged_dot`` runs every expert on every row.
+
+    JAX cannot differentiate a loop with a dynamic trip count in reverse mode, so the VJP is written out
+    (:func:`_blocked_expert_ffn_bwd`): the exact derivative, computed over the same blocks.
     """
-    n_rows, n_experts = x_sorted.shape[0], gate_up.shape[0]
+    n_rows = x_sorted.shape[0]
     starts = jnp.cumsum(group_sizes) - group_sizes
-    rows_padded = jnp.concatenate([x_sorted, jnp.zeros((block, x_sorted.shape[1]), x_sorted.dtype)])
+    rows_padded = _pad_rows(x_sorted, block)
 
     def one_expert(expert, out):
         expert_gate_up, expert_down = gate_up[expert], down[expert]
@@ -97,16 +119,71 @@ def blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block: int = 32):
         def one_block(i, out):
             first = start + i * block
             rows = jax.lax.dynamic_slice_in_dim(rows_padded, first, block)
-            h = jnp.matmul(rows, expert_gate_up, preferred_element_type=F32).astype(rows.dtype)
-            y = jnp.matmul(_split_gate_up(h), expert_down, preferred_element_type=F32).astype(rows.dtype)
-            mine = (i * block + jnp.arange(block) < size)[:, None]
-            y = jnp.where(mine, y, jax.lax.dynamic_slice_in_dim(out, first, block))
+            y = _expert_block(rows, expert_gate_up, expert_down)
+            y = jnp.where(_block_mask(i, size, block), y, jax.lax.dynamic_slice_in_dim(out, first, block))
             return jax.lax.dynamic_update_slice_in_dim(out, y, first, 0)
 
         return jax.lax.fori_loop(0, -(-size // block), one_block, out)
 
     out = _varying_like(jnp.zeros((n_rows + block, down.shape[-1]), x_sorted.dtype), down)
-    return jax.lax.fori_loop(0, n_experts, one_expert, out)[:n_rows]
+    return jax.lax.fori_loop(0, gate_up.shape[0], one_expert, out)[:n_rows]
+
+
+def _blocked_expert_ffn_fwd(x_sorted, group_sizes, gate_up, down, block):
+    out = blocked_expert_ffn.fun(x_sorted, group_sizes, gate_up, down, block)
+    return out, (x_sorted, group_sizes, gate_up, down)
+
+
+def _blocked_expert_ffn_bwd(block, residuals, d_out):
+    """The VJP of :func:`blocked_expert_ffn` by the chain rule, block by block: with h = x Wgu and a = swiglu(h),
+    da = dy Wd^T, dh = swiglu'(h)^T da, dx = dh Wgu^T; dWd += a^T dy and dWgu += x^T dh, summed over the expert's
+    blocks in fp32 and rounded once. Rows past the expert's own get a zero dy, so they add nothing."""
+    x_sorted, group_sizes, gate_up, down = residuals
+    n_rows, dtype = x_sorted.shape[0], x_sorted.dtype
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    rows_padded, d_out_padded = _pad_rows(x_sorted, block), _pad_rows(d_out.astype(dtype), block)
+
+    def matmul(a, b):
+        return jnp.matmul(a, b, preferred_element_type=F32)
+
+    def one_expert(expert, grads):
+        d_x, d_gate_up, d_down = grads
+        expert_gate_up, expert_down = gate_up[expert], down[expert]
+        size, start = group_sizes[expert], starts[expert]
+
+        def one_block(i, carry):
+            d_x, d_expert_gate_up, d_expert_down = carry
+            first = start + i * block
+            mine = _block_mask(i, size, block)
+            rows = jax.lax.dynamic_slice_in_dim(rows_padded, first, block)
+            d_y = jnp.where(mine, jax.lax.dynamic_slice_in_dim(d_out_padded, first, block), 0)
+            h = matmul(rows, expert_gate_up).astype(dtype)
+            act, swiglu_vjp = jax.vjp(_split_gate_up, h)
+            (d_h,) = swiglu_vjp(matmul(d_y, expert_down.T).astype(dtype))
+            d_rows = matmul(d_h, expert_gate_up.T).astype(dtype)
+            d_rows = jnp.where(mine, d_rows, jax.lax.dynamic_slice_in_dim(d_x, first, block))
+            return (
+                jax.lax.dynamic_update_slice_in_dim(d_x, d_rows, first, 0),
+                d_expert_gate_up + matmul(rows.T, d_h),
+                d_expert_down + matmul(act.T, d_y),
+            )
+
+        zeros = (_varying_like(jnp.zeros(w.shape[1:], F32), down) for w in (gate_up, down))
+        d_x, d_expert_gate_up, d_expert_down = jax.lax.fori_loop(
+            0, -(-size // block), one_block, (d_x, *zeros)
+        )
+        return (
+            d_x,
+            d_gate_up.at[expert].set(d_expert_gate_up.astype(gate_up.dtype)),
+            d_down.at[expert].set(d_expert_down.astype(down.dtype)),
+        )
+
+    zeros = (_varying_like(jnp.zeros(x.shape, x.dtype), down) for x in (rows_padded, gate_up, down))
+    d_x, d_gate_up, d_down = jax.lax.fori_loop(0, gate_up.shape[0], one_expert, tuple(zeros))
+    return d_x[:n_rows], None, d_gate_up, d_down
+
+
+blocked_expert_ffn.defvjp(_blocked_expert_ffn_fwd, _blocked_expert_ffn_bwd)
 
 
 def _varying_like(x: jax.Array, reference: jax.Array) -> jax.Array:
@@ -146,7 +223,10 @@ def sort_by_expert(experts: jax.Array, n_experts: int) -> tuple[jax.Array, jax.A
     """
     flat = experts.reshape(-1)
     flat = jnp.where((flat >= 0) & (flat < n_experts), flat, n_experts)
-    order = jnp.argsort(flat, stable=True)
+    # argsort drops the varying type of its operand (jax 0.10.2): inside shard_map each device's order differs,
+    # and typed as invariant its gathers would transpose to wrong gradients (the cotangent of x summed over
+    # devices, then scattered with this device's order). Typed as varying, as its values are.
+    order = _varying_like(jnp.argsort(flat, stable=True), experts)
     return order, jnp.bincount(flat, length=n_experts + 1)[:n_experts].astype(jnp.int32)
 
 
