@@ -26,8 +26,8 @@ from flax import nnx
 
 from qwen_jax.config import ModelConfig
 from qwen_jax.hf_layout import LeafPath
-from qwen_jax.loading import CheckpointError
-from qwen_jax.model import Qwen35MoeForCausalLM, resolve_dtype
+from qwen_jax.loading import CheckpointError, abstract_model
+from qwen_jax.model import resolve_dtype
 
 FORMAT = "qwen-jax-orbax-per-leaf"
 #: 2: the projections that read the same input are one leaf each (``in_proj``, ``qkv_proj``, ``shared_gate_up``).
@@ -94,14 +94,12 @@ def restore_leaf(leaf_dir: Path, sharding=None, shape=None, dtype=None):
 def load(ckpt_dir: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None):
     """The model from a converted checkpoint, each parameter restored directly into its sharding.
 
-    With ``mesh``, every leaf gets ``NamedSharding(mesh, qwen_jax.sharding.param_spec(path))`` (experts split on
+    With ``mesh``, every leaf gets :func:`qwen_jax.sharding.param_sharding` (experts split on
     ``ep``, the rest replicated) and each device materialises only its shard; run the model under
     ``jax.set_mesh(mesh)``. Without a mesh, everything goes to the first device. ``dtype`` ("float32" or "bfloat16")
     casts on restore; by default the checkpoint's own dtype is kept.
     """
-    from jax.sharding import NamedSharding, SingleDeviceSharding
-
-    from qwen_jax.sharding import check_mesh, param_spec
+    from qwen_jax.sharding import check_mesh, param_sharding
 
     ckpt_dir = Path(ckpt_dir)
     manifest = read_manifest(ckpt_dir)
@@ -110,8 +108,7 @@ def load(ckpt_dir: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str
     target = resolve_dtype(dtype) if dtype is not None else stored
     if mesh is not None:
         check_mesh(cfg, mesh)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen35MoeForCausalLM(cfg, target)))
-    flat = nnx.to_flat_state(state)
+    graphdef, flat = abstract_model(cfg, target)
     entries = {leaf_name(tuple(e["path"])): e for e in manifest["leaves"]}
     for path, var in flat:
         name = leaf_name(path)
@@ -124,10 +121,7 @@ def load(ckpt_dir: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str
                 f"{ckpt_dir}: parameter {name} has shape {tuple(entry['shape'])} in {MANIFEST} "
                 f"but config.json implies {tuple(spec.shape)}"
             )
-        sharding = (
-            SingleDeviceSharding(jax.devices()[0]) if mesh is None else NamedSharding(mesh, param_spec(path))
-        )
-        value = restore_leaf(ckpt_dir / PARAMS_DIR / name, sharding, spec.shape, target)
+        value = restore_leaf(ckpt_dir / PARAMS_DIR / name, param_sharding(path, mesh), spec.shape, target)
         var.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
