@@ -23,7 +23,8 @@ What is timed, with equal work on both sides, each through its public greedy ``g
 - **peak RSS** of each side's own process (``VmHWM``: load, compile and the runs), over its parameters' bytes.
 
 Each side runs in its own subprocess, one at a time (never both at once), so that each fits in memory and its
-peak RSS is its own; a side is skipped, with a note, when ``MemAvailable`` is below ``MEMORY_MARGIN`` x its weights.
+peak RSS is its own; a side is skipped, with a note, when ``MemAvailable`` is below ``MEMORY_MARGIN`` x its weights,
+and stopped, with its RSS by then, if ``MemAvailable`` falls under ``MEMORY_FLOOR`` while it runs.
 The sides alternate ``--rounds`` times (HF, JAX, HF, JAX, ...), so a change in machine load hits both; the summary
 gives, per side, the median over all repeats of all rounds, the ratio JAX speed / HF speed of those medians, and
 each round's ratio (the spread). On a shared machine the speeds are noisy: say so next to any figure.
@@ -41,6 +42,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,6 +55,8 @@ NEW = 64
 MAX_LENGTH = PROMPT + 256  # the JAX cache length of both generate calls (one compiled program)
 #: A side starts only when this many times its weights' bytes are available (weights, activations, headroom).
 MEMORY_MARGIN = 1.3
+#: A running side is stopped when the machine's available memory falls under this (bytes).
+MEMORY_FLOOR = 1.5e9
 PARAMS = 2_653_000_000  # about: embeddings and lm_head 1.02 B, 2 x 0.8 B experts, the rest 0.03 B
 GB = 1e9
 
@@ -181,13 +185,38 @@ def run_jax(path: Path, dtype: str, repeats: int) -> dict:
     }
 
 
+def process_rss(pid: int, field: str = "VmHWM") -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(line for line in f if line.startswith(field + ":")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return 0
+
+
 def in_subprocess(side: str, path: Path, dtype: str, repeats: int) -> dict:
-    """One side in a fresh interpreter (this script with ``--side``); its JSON result, or its error."""
+    """One side in a fresh interpreter (this script with ``--side``): its JSON result, or its error. The side is
+    stopped if the machine's ``MemAvailable`` falls under ``MEMORY_FLOOR`` (the error gives its RSS by then)."""
     argv = [sys.executable, __file__, "--side", side, "--cache", str(path), "--dtype", dtype]
-    result = subprocess.run([*argv, "--repeats", str(repeats)], capture_output=True, text=True)
-    if result.returncode:
-        return {"error": f"exit {result.returncode}: {result.stderr.strip()[-2000:]}"}
-    return json.loads(result.stdout.splitlines()[-1])
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([*argv, "--repeats", str(repeats)], stdout=out, stderr=err, text=True)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, process_rss(proc.pid))
+            if mem_available() < MEMORY_FLOOR:
+                peak = max(peak, process_rss(proc.pid))
+                proc.kill()
+                proc.wait()
+                return {
+                    "error": f"stopped: the machine ran low on memory (MemAvailable under {MEMORY_FLOOR / GB:.1f} "
+                    f"GB) with this side at {peak / GB:.1f} GB peak RSS",
+                    "peak_rss_bytes_when_stopped": peak,
+                }
+            time.sleep(1)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            return {"error": f"exit {proc.returncode}: {err.read().strip()[-2000:]}"}
+        return json.loads(out.read().splitlines()[-1])
 
 
 def summarise(dtype: str, rounds: list[dict]) -> dict:
