@@ -230,7 +230,7 @@ def validate_hf_checkpoint(path: Path, dtype: str):
     parameter set exactly once), then every tensor's values, read one at a time, for NaN and infinity. The
     conversion plan of :mod:`conversion.layout` does the header part; returns it."""
     from conversion.layout import build_plan
-    from conversion.safetensors_io import read_tensor
+    from qwen_jax.safetensors_io import read_tensor
 
     plan = build_plan(path, dtype)
     for leaf in plan.leaves:
@@ -249,7 +249,7 @@ def _weights_bytes(weights: Path, dtype: str, plan) -> int:
     from qwen_jax.model import resolve_dtype
 
     if plan is not None:
-        return sum(math.prod(leaf.shape) for leaf in plan.leaves) * plan.dtype.itemsize
+        return sum(leaf.nbytes for leaf in plan.leaves)
     itemsize = np.dtype(resolve_dtype(dtype)).itemsize
     return sum(math.prod(entry["shape"]) for entry in read_manifest(weights)["leaves"]) * itemsize
 

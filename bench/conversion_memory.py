@@ -63,11 +63,12 @@ F32_TENSORS = ("linear_attn.A_log", "linear_attn.norm.weight")
 RESULTS = ROOT / "bench" / "conversion_memory_results.json"
 
 
-def synthetic_config() -> dict:
+def synthetic_config(shape: dict = SHAPE) -> dict:
+    """The real config with ``shape``'s sizes; the last layer is full attention, the others DeltaNet."""
     raw = json.loads((ROOT / "qwen_jax" / "data" / "qwen3_6_35b_a3b_config.json").read_text())
     text = raw["text_config"]
-    text.update(SHAPE)
-    text["layer_types"] = ["linear_attention"] * 3 + ["full_attention"]
+    text.update(shape)
+    text["layer_types"] = ["linear_attention"] * (text["num_hidden_layers"] - 1) + ["full_attention"]
     text.pop("full_attention_interval", None)
     return raw
 
@@ -95,9 +96,9 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, ...], str]
                 left -= n
 
 
-def build_checkpoint(path: Path) -> dict:
+def build_checkpoint(path: Path, shape: dict = SHAPE) -> dict:
     path.mkdir(parents=True)
-    raw = synthetic_config()
+    raw = synthetic_config(shape)
     (path / "config.json").write_text(json.dumps(raw, indent=1))
     cfg = ModelConfig.from_hf_dict(raw)
     layout = expected_hf_tensors(cfg)

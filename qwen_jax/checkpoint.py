@@ -26,8 +26,8 @@ from flax import nnx
 
 from qwen_jax.config import ModelConfig
 from qwen_jax.hf_layout import LeafPath
-from qwen_jax.loading import CheckpointError
-from qwen_jax.model import Qwen35MoeForCausalLM, resolve_dtype
+from qwen_jax.loading import CheckpointError, abstract_model
+from qwen_jax.model import resolve_dtype
 
 FORMAT = "qwen-jax-orbax-per-leaf"
 #: 2: the projections that read the same input are one leaf each (``in_proj``, ``qkv_proj``, ``shared_gate_up``).
@@ -114,7 +114,7 @@ def load(
 ):
     """The model from a converted checkpoint, each parameter restored directly into its sharding.
 
-    With ``mesh``, every leaf gets ``NamedSharding(mesh, qwen_jax.sharding.param_spec(path))`` (experts split on
+    With ``mesh``, every leaf gets :func:`qwen_jax.sharding.param_sharding` (experts split on
     ``ep``, the rest replicated) and each device materialises only its shard; run the model under
     ``jax.set_mesh(mesh)``. Without a mesh, everything goes to the first device. ``dtype`` ("float32" or "bfloat16")
     casts on restore; by default the checkpoint's own dtype is kept.
@@ -123,9 +123,7 @@ def load(
     read whole on the host once (one leaf at a time) before it is placed; ``verify=False`` skips the check and
     lets each device read only its own slice. ``python -m audit`` always verifies.
     """
-    from jax.sharding import NamedSharding, SingleDeviceSharding
-
-    from qwen_jax.sharding import check_mesh, param_spec
+    from qwen_jax.sharding import check_mesh, param_sharding
 
     ckpt_dir = Path(ckpt_dir)
     manifest = read_manifest(ckpt_dir)
@@ -134,8 +132,7 @@ def load(
     target = resolve_dtype(dtype) if dtype is not None else stored
     if mesh is not None:
         check_mesh(cfg, mesh)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen35MoeForCausalLM(cfg, target)))
-    flat = nnx.to_flat_state(state)
+    graphdef, flat = abstract_model(cfg, target)
     entries = {leaf_name(tuple(e["path"])): e for e in manifest["leaves"]}
     for path, var in flat:
         name = leaf_name(path)
@@ -148,9 +145,7 @@ def load(
                 f"{ckpt_dir}: parameter {name} has shape {tuple(entry['shape'])} in {MANIFEST} "
                 f"but config.json implies {tuple(spec.shape)}"
             )
-        sharding = (
-            SingleDeviceSharding(jax.devices()[0]) if mesh is None else NamedSharding(mesh, param_spec(path))
-        )
+        sharding = param_sharding(path, mesh)
         leaf_dir = ckpt_dir / PARAMS_DIR / name
         if verify:
             value = restore_verified_leaf(leaf_dir, entry, sharding, target)

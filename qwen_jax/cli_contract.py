@@ -86,7 +86,7 @@ def write_internal_log(log_dir: Path | None) -> Path:
 #: The project's input-error classes, by name: catching them never imports their (heavy) modules, since an
 #: instance can only exist once its module is loaded.
 PROJECT_INPUT_ERRORS = (
-    "qwen_jax.loading:CheckpointError",
+    "qwen_jax.safetensors_io:CheckpointError",
     "qwen_jax.config:ConfigError",
     "qwen_jax.tokenizer:TokenizerLoadError",
     "qwen_jax.chat:ChatTemplateError",

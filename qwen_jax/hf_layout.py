@@ -68,6 +68,28 @@ def _swap_last(x: np.ndarray) -> np.ndarray:
     return np.swapaxes(x, -1, -2)
 
 
+def _unconv(x: np.ndarray) -> np.ndarray:
+    return x.T[:, None, :]  # [K, C] -> [C, 1, K]
+
+
+#: Each transform's inverse (also a view): a region of a leaf seen in the HF tensor's layout, to be written into.
+_INVERSE: dict[Transform, Transform] = {_identity: _identity, _t: _t, _swap_last: _swap_last, _conv: _unconv}
+#: Transforms that keep the leading axis where it is (row r of the tensor lands in row r of the leaf).
+_KEEP_LEADING_AXIS = (_identity, _swap_last)
+
+
+def hf_view(target: Target, region: np.ndarray) -> np.ndarray:
+    """``region`` (the part of the leaf that ``target`` sets, ``leaf[target.index]``) in the HF tensor's layout: a
+    writable view, so that ``hf_view(target, region)[...] = tensor`` sets ``region = target.transform(tensor)``."""
+    return _INVERSE[target.transform](region)
+
+
+def keeps_leading_axis(target: Target) -> bool:
+    """Whether rows a:b of the leaf are rows a:b of the tensor (a whole-leaf target whose transform keeps axis 0),
+    so that a slice of the leaf's leading axis can be read as a byte range of the tensor."""
+    return not target.index and target.transform in _KEEP_LEADING_AXIS
+
+
 def _side_by_side(leaf: LeafPath, widths: dict[str, int], hidden: int) -> dict[str, Target]:
     """Targets that put HF [width, hidden] matrices side by side as column blocks of one [hidden, sum(widths)]
     leaf, in ``widths`` order (part name -> width)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from qwen_jax.config import ModelConfig
@@ -52,6 +52,14 @@ def check_mesh(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> None:
 def param_spec(path: tuple) -> P:
     """The partition spec of a parameter leaf, by its path in the model."""
     return P(EP, None, None) if path[-1] in EXPERT_LEAVES else P()
+
+
+def param_sharding(path: tuple, mesh: jax.sharding.Mesh | None = None) -> jax.sharding.Sharding:
+    """Where a parameter leaf is placed when a model is loaded: ``NamedSharding(mesh, param_spec(path))``, or the
+    first device without a mesh."""
+    if mesh is None:
+        return SingleDeviceSharding(jax.devices()[0])
+    return NamedSharding(mesh, param_spec(path))
 
 
 def activation_spec(mesh: jax.sharding.Mesh) -> P:
