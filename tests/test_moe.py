@@ -129,6 +129,7 @@ def test_gradients_of_every_backend_equal_dense_backend():
         assert_gradients_close(ours, ref, backend)
 
 
+@pytest.mark.slow  # three more compilations; the fp32 test above checks the same VJP exactly
 def test_blocked_backward_in_bf16_as_accurate_as_ragged():
     """bf16: the blocked VJP (each expert's weight gradient summed over its blocks in fp32, rounded once) is as
     close to the fp32 gradient as ``ragged_dot``'s own bf16 VJP (measured: the two agree bitwise on dx and on
