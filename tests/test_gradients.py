@@ -1,7 +1,8 @@
 """Gradient parity with torch autograd: fp32 gradients of the mean token cross-entropy with respect to every
 parameter, JAX (default backends) against transformers' Qwen3_5MoeForCausalLM (eager attention and experts, as the
-parity tests run it), on two tiny configs and a left-padded batch, on one device and under an ``ep`` mesh of 4 fake
-CPU devices. Criterion per leaf: max |JAX - HF| <= 1e-5 x max(1, max |HF grad|) (tests/gradient_parity.py).
+parity tests run it), on a left-padded batch, on one device and under an ``ep`` mesh of 4 fake CPU devices.
+Criterion per leaf: max |JAX - HF| <= 1e-5 x max(1, max |HF grad|) (tests/gradient_parity.py). Default run: the two
+4-layer configs; the 8-layer top-4 config is slow-marked (each config costs one compilation of the backward pass).
 
 HF's gradients are saved as an HF checkpoint and read with ``qwen_jax.load_hf``, so the one table in
 ``qwen_jax/hf_layout.py`` maps them onto the JAX leaves (side-by-side ``in_proj``/``qkv_proj``/``shared_gate_up``,
@@ -24,7 +25,8 @@ hf_reference = pytest.importorskip("hf_reference")
 torch = pytest.importorskip("torch")
 from test_sharding import run_on_8_devices  # noqa: E402
 
-CONFIGS = ("hv2hk_top2of8", "hveqhk_top4of16")
+CONFIGS = ("hv2hk_top2of8", "dk_ne_dv")  # 4 layers each; the 8-layer top-4 config runs in the slow set
+SLOW_CONFIGS = ("hveqhk_top4of16",)
 
 EXPERT_PARALLEL = r"""
 import sys
@@ -81,15 +83,18 @@ def hf_gradients(tiny_checkpoints, tmp_path_factory):
     return compute
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize(
+    "name", [*CONFIGS, *(pytest.param(name, marks=pytest.mark.slow) for name in SLOW_CONFIGS)]
+)
 def test_gradients_match_torch_autograd(name, hf_gradients):
     print(name, check_gradients(*hf_gradients(name)))
 
 
-def test_expert_parallel_gradients_match_torch_autograd(hf_gradients):
-    """Both configs with the experts split over ep=4 (shard_map + psum): the same gradients as torch."""
-    args = [str(x) for name in CONFIGS for x in hf_gradients(name)]
+@pytest.mark.parametrize("names", [CONFIGS, pytest.param(SLOW_CONFIGS, marks=pytest.mark.slow)])
+def test_expert_parallel_gradients_match_torch_autograd(names, hf_gradients):
+    """The experts split over ep=4 (shard_map + psum), in one subprocess: the same gradients as torch."""
+    args = [str(x) for name in names for x in hf_gradients(name)]
     result = run_on_8_devices(EXPERT_PARALLEL, Path(__file__).parent, 900, *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("ep=4: ") == len(CONFIGS), result.stdout
+    assert result.stdout.count("ep=4: ") == len(names), result.stdout
     print(result.stdout)
