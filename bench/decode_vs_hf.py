@@ -1,11 +1,18 @@
 """Greedy decode and prefill speed of the JAX model against HF transformers, on this CPU, same weights.
 
-    python bench/decode_vs_hf.py [--prompt 512] [--new 128] [--dtype float32] [--repeats 5] [--json OUT]
+    python bench/decode_vs_hf.py [--prompt 512] [--new 128] [--dtype both] [--repeats 5] [--json OUT]
 
 Config (issue 3): hidden 512, 8 layers (3:1 DeltaNet:attention), 32 experts top-4, vocab 32k. Each side runs in
 its own subprocess, so that peak RSS is per side. Also prints decode throughput as a fraction of this machine's
 memory-bandwidth roofline: the bytes of weights one decode step must read (embedding row, lm_head, every non-expert
 weight, the top-k routed experts and the shared expert of each layer), over a read bandwidth measured in this run.
+
+Equal work on both sides. The prefill is what ``generate`` runs before decoding, on both sides: the whole prompt
+through the model, filling the decode state (HF: ``use_cache=True``), and the logits of the last position only
+(HF: ``logits_to_keep=1``; JAX: ``qwen_jax.generate._prefill``). The decode is ``--new`` greedy tokens: the first
+chosen from the prefill's logits, then ``--new`` - 1 model steps on both sides (HF: ``generate`` minus its prefill,
+measured as above; JAX: the compiled decode loop); decode tokens/s counts those ``--new`` - 1 steps on both sides.
+``--dtype both`` (the default) runs float32, then bfloat16.
 
 Each side runs ``--repeats`` times (speeds: the best run of each phase). On a shared machine the bandwidth varies
 from minute to minute, so the JAX side measures it right before each of its runs, and the fraction of the roofline
@@ -75,7 +82,9 @@ def run_hf(path: str, n_prompt: int, n_new: int, dtype: str, repeats: int, out) 
         prefill, decode = float("inf"), float("inf")
         for _ in range(repeats):  # best of each phase, as on the JAX side
             t = time.perf_counter()
-            model(ids, use_cache=False)
+            model(
+                ids, use_cache=True, logits_to_keep=1
+            )  # what generate's prefill computes, as on the JAX side
             this_prefill = time.perf_counter() - t
             t = time.perf_counter()
             tokens = model.generate(ids, **kwargs)[0, n_prompt:].tolist()
@@ -106,7 +115,7 @@ def run_jax(path: str, n_prompt: int, n_new: int, dtype: str, repeats: int, out)
         jax.block_until_ready(cache)
         t_prefill = time.perf_counter() - t
         t = time.perf_counter()
-        tokens, _, _ = _decode_loop(graphdef, params, logits, cache, n_new, stop, 0, "auto", False)
+        tokens, _, _, _ = _decode_loop(graphdef, params, logits, cache, n_new, stop, 0, "auto", False)
         tokens = jax.block_until_ready(tokens)
         return t_prefill, time.perf_counter() - t, tokens
 
@@ -181,43 +190,37 @@ def in_subprocess(target, *args) -> dict:
     return result
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each side (speeds: the best run)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        build_checkpoint(Path(tmp))
-        hf = in_subprocess(run_hf, tmp, args.prompt, args.new, args.dtype, args.repeats)
-        jx = in_subprocess(run_jax, tmp, args.prompt, args.new, args.dtype, args.repeats)
-    decode_tps = {"hf": (args.new - 1) / hf["decode_s"], "jax": args.new / jx["decode_s"]}
-    prefill_tps = {"hf": args.prompt / hf["prefill_s"], "jax": args.prompt / jx["prefill_s"]}
-    step_bytes = decode_step_bytes(4 if args.dtype == "float32" else 2)
+def compare(path: str, dtype: str, n_prompt: int, n_new: int, repeats: int) -> dict:
+    """One dtype: both sides in their own subprocesses, then the ratios and the roofline, printed and returned."""
+    hf = in_subprocess(run_hf, path, n_prompt, n_new, dtype, repeats)
+    jx = in_subprocess(run_jax, path, n_prompt, n_new, dtype, repeats)
+    steps = n_new - 1  # model steps of the decode on both sides (the first token comes from the prefill)
+    decode_tps = {"hf": steps / hf["decode_s"], "jax": steps / jx["decode_s"]}
+    prefill_tps = {"hf": n_prompt / hf["prefill_s"], "jax": n_prompt / jx["prefill_s"]}
+    step_bytes = decode_step_bytes(4 if dtype == "float32" else 2)
     bandwidths = jx["bandwidth_runs_gbs"]
     bandwidth = statistics.median(bandwidths)
     roofline_tps = bandwidth * 1e9 / step_bytes
     fractions = [  # each JAX run against the bandwidth measured just before it
-        args.new / decode_s / (run_bandwidth * 1e9 / step_bytes)
+        steps / decode_s / (run_bandwidth * 1e9 / step_bytes)
         for decode_s, run_bandwidth in zip(jx["decode_runs_s"], bandwidths, strict=True)
     ]
     bandwidth_spread = max(bandwidths) / min(bandwidths)
     same = sum(a == b for a, b in zip(hf["tokens"], jx["tokens"], strict=False))
     results = dict(
-        config=BENCH_CONFIG, dtype=args.dtype, prompt=args.prompt, new_tokens=args.new,
+        config=BENCH_CONFIG, dtype=dtype, prompt=n_prompt, new_tokens=n_new,
+        work="equal: prefill = prompt -> filled decode state + last-position logits; decode = new - 1 model steps",
         decode_tokens_per_s=decode_tps, prefill_tokens_per_s=prefill_tps,
         decode_ratio=decode_tps["jax"] / decode_tps["hf"], prefill_ratio=prefill_tps["jax"] / prefill_tps["hf"],
         peak_rss_mb={"hf": hf["peak_rss_mb"], "jax": jx["peak_rss_mb"]}, jax_compile_s=jx["compile_s"],
         decode_step_bytes=step_bytes, read_bandwidth_gbs=bandwidth,
         read_bandwidth_runs_gbs=bandwidths, read_bandwidth_spread=bandwidth_spread, roofline_tokens_per_s=roofline_tps,
         jax_decode_fraction_of_roofline=statistics.median(fractions), jax_decode_fraction_of_roofline_runs=fractions,
-        hf_decode_fraction_of_roofline=decode_tps["hf"] / roofline_tps, repeats=args.repeats,
-        greedy_tokens_equal=f"{same}/{args.new}",
+        hf_decode_fraction_of_roofline=decode_tps["hf"] / roofline_tps, repeats=repeats,
+        greedy_tokens_equal=f"{same}/{n_new}",
     )  # fmt: skip
+    print(f"[{dtype}] equal work on both sides: prefill with a filled decode state and last-position logits; "
+          f"{steps} decode steps")  # fmt: skip
     print(
         f"decode  tok/s: JAX {decode_tps['jax']:.1f}  HF {decode_tps['hf']:.1f}  ratio {results['decode_ratio']:.2f}x"
     )
@@ -227,7 +230,7 @@ def main() -> int:
     print(
         f"roofline: {step_bytes / 1e6:.0f} MB/step at {bandwidth:.1f} GB/s (median; "
         f"{min(bandwidths):.1f}-{max(bandwidths):.1f}) = {roofline_tps:.0f} tok/s; "
-        f"JAX {results['jax_decode_fraction_of_roofline']:.0%} (median of {args.repeats} runs, each against the "
+        f"JAX {results['jax_decode_fraction_of_roofline']:.0%} (median of {repeats} runs, each against the "
         f"bandwidth just before it: {min(fractions):.0%}-{max(fractions):.0%}), "
         f"HF {results['hf_decode_fraction_of_roofline']:.0%}"
     )
@@ -237,9 +240,28 @@ def main() -> int:
             "processes changed), so the fraction of the roofline is unreliable; run again on a quiet machine"
         )
     print(f"peak RSS MB: JAX {jx['peak_rss_mb']:.0f}  HF {hf['peak_rss_mb']:.0f}; JAX compile {jx['compile_s']:.1f}s; "
-          f"greedy tokens equal {same}/{args.new}")  # fmt: skip
+          f"greedy tokens equal {same}/{n_new}")  # fmt: skip
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "both"), default="both")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each side (speeds: the best run)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    dtypes = ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_checkpoint(Path(tmp))
+        results = {dtype: compare(tmp, dtype, args.prompt, args.new, args.repeats) for dtype in dtypes}
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        tmp_json = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp_json.write_text(json.dumps(results if len(results) > 1 else results[dtypes[0]], indent=2))
+        tmp_json.replace(args.json)
     return 0
 
 

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from conversion import UsageError
 from conversion.layout import abstract_leaves
-from qwen_jax.cache import init_decode_state
+from qwen_jax.cache import DeltaNetState, KVCache, init_decode_state
 from qwen_jax.config import ModelConfig
 from qwen_jax.model import resolve_dtype
 from qwen_jax.sharding import DP, EP, param_spec
@@ -111,9 +111,9 @@ def state_bytes(cfg: ModelConfig, batch: int, context: int, dtype, mesh: dict[st
         return total
 
     return {
-        "kv_cache": per_device((state.keys, state.values)),
-        "deltanet_conv": per_device(state.conv),
-        "deltanet_recurrent_fp32": per_device(state.recurrent),
+        "kv_cache": per_device(state.of_type(KVCache)),
+        "deltanet_conv": per_device([s.conv for s in state.of_type(DeltaNetState)]),
+        "deltanet_recurrent_fp32": per_device([s.recurrent for s in state.of_type(DeltaNetState)]),
         "masks_and_positions": per_device((state.key_mask, state.length, state.next_position)),
     }
 

@@ -7,34 +7,125 @@ and partial RoPE; the attention output is multiplied by ``sigmoid(gate)`` before
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwen_jax.cache import KVCache, TokenContext
 from qwen_jax.config import ModelConfig
 from qwen_jax.norms import rms_norm
-from qwen_jax.ops import F32, dense, sigmoid, split_columns
+from qwen_jax.ops import F32, dense, sigmoid, split_columns, tie_to
 from qwen_jax.rope import apply_rope
 
 MASKED = jnp.finfo(F32).min
+#: Keys per block of :func:`blockwise_attend`. Fixed, so a query's result never depends on how many keys follow.
+KEY_BLOCK = 256
+
+
+def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """fp32 [B, Hkv, G, L, T] scores as HF's eager path rounds them: q@k rounded to the activation dtype, scaled
+    (torch scales with an fp32 scalar) and rounded again. q: [B, L, Hkv, G, D]; k: [B, T, Hkv, D]."""
+    scores = jnp.einsum("blkgd,btkd->bkglt", q, k, preferred_element_type=F32).astype(q.dtype)
+    return (scores.astype(F32) * q.shape[-1] ** -0.5).astype(q.dtype).astype(F32)
+
+
+def _probs_times_values(probs: jax.Array, v: jax.Array) -> jax.Array:
+    """fp32 [B, L, Hkv, G, D]: probabilities (rounded to the value dtype) times values, accumulated in fp32."""
+    return jnp.einsum("bkglt,btkd->blkgd", probs.astype(v.dtype), v, preferred_element_type=F32)
+
+
+def _group_queries(q: jax.Array, n_kv: int) -> jax.Array:
+    b, length, n_q, d = q.shape
+    return q.reshape(b, length, n_kv, n_q // n_kv, d)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention with grouped KV heads, mirroring HF's eager path.
+    """Softmax attention with grouped KV heads, mirroring HF's eager path (the decode step's form).
 
     q: [B, L, Hq, D]; k, v: [B, T, Hkv, D]; mask: bool [B, L, T], True where query l may see key t.
     Query head h uses KV head h // (Hq // Hkv). Scores are rounded to the activation dtype, softmax runs in fp32,
     and the probabilities are rounded back before the value matmul. Returns [B, L, Hq, D].
     """
-    b, length, n_q, d = q.shape
-    n_kv = k.shape[2]
-    q = q.reshape(b, length, n_kv, n_q // n_kv, d)
-    scores = jnp.einsum("blkgd,btkd->bkglt", q, k, preferred_element_type=F32).astype(q.dtype)
-    scores = (scores.astype(F32) * d**-0.5).astype(q.dtype).astype(F32)  # torch scales with an fp32 scalar
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkglt,btkd->blkgd", probs, v, preferred_element_type=F32).astype(v.dtype)
-    return out.reshape(b, length, n_q, d)
+    scores = jnp.where(mask[:, None, None], _scores(_group_queries(q, k.shape[2]), k), MASKED)
+    out = _probs_times_values(jax.nn.softmax(scores, axis=-1), v).astype(v.dtype)
+    return out.reshape(q.shape)
+
+
+class SoftmaxStats(NamedTuple):
+    """Running softmax statistics per (batch, kv head, group, query), fp32 [B, Hkv, G, L]."""
+
+    max: jax.Array  # the largest visible score so far (MASKED before the first)
+    sum: jax.Array  # sum of exp(score - max) over the visible scores so far
+
+
+def _visible_exp(scores: jax.Array, max_: jax.Array, visible: jax.Array) -> jax.Array:
+    """exp(score - max) where visible, exact 0 elsewhere (with no inf or NaN computed there: safe to differentiate)."""
+    return jnp.where(visible, jnp.exp(jnp.where(visible, scores - max_[..., None], 0.0)), 0.0)
+
+
+def update_stats(stats: SoftmaxStats, scores: jax.Array, visible: jax.Array) -> SoftmaxStats:
+    """``stats`` extended by one block of ``scores`` [..., L, block] (``visible`` broadcastable to it). A query
+    that sees none of the block keeps its statistics bit for bit."""
+    new_max = jnp.maximum(stats.max, jnp.max(jnp.where(visible, scores, MASKED), axis=-1))
+    new_sum = stats.sum * jnp.exp(stats.max - new_max) + jnp.sum(
+        _visible_exp(scores, new_max, visible), axis=-1
+    )
+    seen = jnp.any(visible, axis=-1)
+    return SoftmaxStats(jnp.where(seen, new_max, stats.max), jnp.where(seen, new_sum, stats.sum))
+
+
+def block_probs(stats: SoftmaxStats, scores: jax.Array, visible: jax.Array) -> jax.Array:
+    """The final softmax probabilities of one block, fp32 (0 where not visible)."""
+    total = jnp.where(stats.sum > 0, stats.sum, 1.0)  # a query that sees no key at all: probabilities 0
+    return _visible_exp(scores, stats.max, visible) / total[..., None]
+
+
+def blockwise_attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """Causal attention of L queries over their own L keys, in blocks of :data:`KEY_BLOCK` keys: memory linear in L.
+
+    q: [B, L, Hq, D]; k, v: [B, L, Hkv, D]; key_mask: [B, L], 1 for real tokens. Query l sees key t when t <= l
+    and t is real. Two passes over the key blocks keep HF's rounding points: the first finds each query's max
+    score and its sum of exponentials (fp32); the second rounds ``exp(score - max) / sum`` to the value dtype and
+    accumulates probabilities @ values in fp32 across blocks, rounded once at the end. A query that sees no key
+    (left padding) gets zeros. Returns [B, L, Hq, D].
+    """
+    b, length, n_kv, _ = k.shape
+    n_blocks = -(-length // KEY_BLOCK)
+    pad = n_blocks * KEY_BLOCK - length
+    grouped = _group_queries(q, n_kv)
+    key_mask = jnp.pad(key_mask > 0, ((0, 0), (0, pad)))
+    k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
+    queries = jnp.arange(length)
+
+    def block(i):
+        """Block i's keys, values and visibility [B, 1, 1, L, KEY_BLOCK]."""
+        block_k, block_v, block_mask = tie_to(i, k, v, key_mask)
+        start = i * KEY_BLOCK
+        block_k, block_v = (jax.lax.dynamic_slice_in_dim(x, start, KEY_BLOCK, 1) for x in (block_k, block_v))
+        keys = start + jnp.arange(KEY_BLOCK)
+        real = jax.lax.dynamic_slice_in_dim(block_mask, start, KEY_BLOCK, 1)
+        visible = (keys[None, :] <= queries[:, None])[None] & real[:, None, :]
+        return block_k, block_v, visible[:, None, None]
+
+    def first_pass(i, stats):
+        block_k, _, visible = block(i)
+        return update_stats(stats, _scores(grouped, block_k), visible)
+
+    shape = (b, n_kv, grouped.shape[3], length)
+    empty = SoftmaxStats(*tie_to(q, jnp.full(shape, MASKED, F32), jnp.zeros(shape, F32)))  # see tie_to
+    stats = jax.lax.fori_loop(0, n_blocks, first_pass, empty)
+
+    def second_pass(i, acc):
+        block_k, block_v, visible = block(i)
+        probs = block_probs(stats, _scores(grouped, block_k), visible)
+        seen = jnp.any(visible, axis=-1)[..., None]  # [B, 1, 1, L, 1] -> as acc's [B, L, 1, 1, 1]
+        return jnp.where(jnp.moveaxis(seen, 3, 1), acc + _probs_times_values(probs, block_v), acc)
+
+    (acc,) = tie_to(q, jnp.zeros(grouped.shape, F32))
+    acc = jax.lax.fori_loop(0, n_blocks, second_pass, acc)
+    return acc.astype(v.dtype).reshape(q.shape)
 
 
 class GatedAttention(nnx.Module):
@@ -65,6 +156,21 @@ class GatedAttention(nnx.Module):
         gated = (attn.reshape(b, length, -1) * sigmoid(gate)).astype(attn.dtype)
         return dense(gated, self.o_proj[...])
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        q, k, v, gate = self.project_qkv(x, cos, sin)
-        return self.output(attend(q, k, v, mask), gate)
+    def __call__(
+        self, x: jax.Array, context: TokenContext, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
+        """x [B, L, hidden] -> (out [B, L, hidden], the cache with this call's keys and values written, or None).
+
+        A forward or prefill attends blockwise to the call's own keys; a decode step attends to the whole cache.
+        """
+        q, k, v, gate = self.project_qkv(x, context.cos, context.sin)
+        if cache is not None:
+            at = (0, context.cache_start, 0, 0)
+            cache = KVCache(
+                *(jax.lax.dynamic_update_slice(c, n, at) for c, n in zip(cache, (k, v), strict=True))
+            )
+        if context.decoding:
+            attn = attend(q, cache.keys, cache.values, context.key_mask[:, None, :] > 0)
+        else:
+            attn = blockwise_attend(q, k, v, context.attention_mask)
+        return self.output(attn, gate), cache

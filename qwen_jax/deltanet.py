@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwen_jax.cache import DeltaNetState, TokenContext
 from qwen_jax.config import ModelConfig
 from qwen_jax.delta_rule import chunked_delta_rule, delta_rule_step
 from qwen_jax.norms import gated_rms_norm
@@ -52,6 +53,19 @@ class GatedDeltaNet(nnx.Module):
         self.out_proj = nnx.Param(init(rngs.params(), (cfg.linear_value_dim, h), dtype))
 
     def __call__(
+        self, x: jax.Array, context: TokenContext, state: DeltaNetState | None = None
+    ) -> tuple[jax.Array, DeltaNetState | None]:
+        """x [B, L, hidden] -> (out [B, L, hidden], the new state, or None without one).
+
+        A forward or prefill starts from zeros (padded tokens zeroed); a decode step continues ``state``.
+        """
+        if context.decoding:
+            out, history, recurrent = self.mix(x, None, state.conv, state.recurrent)
+        else:
+            out, history, recurrent = self.mix(x, context.attention_mask)
+        return out, None if state is None else DeltaNetState(history, recurrent)
+
+    def mix(
         self,
         x: jax.Array,
         pad_mask: jax.Array | None = None,

@@ -81,7 +81,20 @@ def decode_step(
     return logits[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "moe_backend", "keep_logits"))
+class DecodeCarry(NamedTuple):
+    """The decode loop's carry."""
+
+    step: jax.Array  # how many tokens are chosen
+    token: jax.Array  # [B] the last chosen token
+    done: jax.Array  # [B] the row has chosen a stop token
+    cache: DecodeState
+    tokens: jax.Array  # [B, max_length] the chosen tokens
+    logits: jax.Array  # [B, max_length or 0, vocab] the logits they were chosen from
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "moe_backend", "keep_logits"), donate_argnames=("cache",)
+)
 def _decode_loop(
     graphdef, params, first_logits, cache, max_new_tokens, stop_ids, pad_id, moe_backend, keep_logits
 ):
@@ -90,33 +103,32 @@ def _decode_loop(
     capacity = cache.max_length - cache.length  # traced: tokens that still fit
     limit = jnp.minimum(max_new_tokens, capacity + 1)
     buffer_len = cache.max_length  # static bound for the output buffers
-    tokens = jnp.full((batch, buffer_len), pad_id, jnp.int32)
-    logits_out = jnp.zeros((batch, buffer_len if keep_logits else 0, vocab), first_logits.dtype)
 
-    def choose(step, logits, done, tokens, logits_out):
-        token = jnp.where(done, pad_id, greedy_tokens(logits))
-        tokens = tokens.at[:, step].set(token)
-        if keep_logits:
-            logits_out = logits_out.at[:, step].set(logits)
-        return token, done | jnp.isin(token, stop_ids), tokens, logits_out
+    def choose(carry: DecodeCarry, logits: jax.Array) -> DecodeCarry:
+        token = jnp.where(carry.done, pad_id, greedy_tokens(logits))
+        tokens = carry.tokens.at[:, carry.step].set(token)
+        kept = carry.logits.at[:, carry.step].set(logits) if keep_logits else carry.logits
+        done = carry.done | jnp.isin(token, stop_ids)
+        return carry._replace(step=carry.step + 1, token=token, done=done, tokens=tokens, logits=kept)
 
-    done = jnp.zeros((batch,), bool)
-    token, done, tokens, logits_out = choose(0, first_logits, done, tokens, logits_out)
-
-    def cond(carry):
-        step, _, done, _, _, _ = carry
-        return (step < limit) & ~jnp.all(done)
-
-    def body(carry):
-        step, token, done, cache, tokens, logits_out = carry
-        logits, cache = decode_step(model, token, cache, moe_backend)
-        token, done, tokens, logits_out = choose(step, logits, done, tokens, logits_out)
-        return step + 1, token, done, cache, tokens, logits_out
-
-    step, _, done, cache, tokens, logits_out = jax.lax.while_loop(
-        cond, body, (jnp.int32(1), token, done, cache, tokens, logits_out)
+    start = DecodeCarry(
+        step=jnp.int32(0),
+        token=jnp.zeros((batch,), jnp.int32),
+        done=jnp.zeros((batch,), bool),
+        cache=cache,
+        tokens=jnp.full((batch, buffer_len), pad_id, jnp.int32),
+        logits=jnp.zeros((batch, buffer_len if keep_logits else 0, vocab), first_logits.dtype),
     )
-    return tokens, logits_out, step
+
+    def cond(carry: DecodeCarry) -> jax.Array:
+        return (carry.step < limit) & ~jnp.all(carry.done)
+
+    def body(carry: DecodeCarry) -> DecodeCarry:
+        logits, cache = decode_step(model, carry.token, carry.cache, moe_backend)
+        return choose(carry._replace(cache=cache), logits)
+
+    end = jax.lax.while_loop(cond, body, choose(start, first_logits))
+    return end.tokens, end.logits, end.step, end.cache  # the cache: donated in, so updated in place
 
 
 def generate(
@@ -167,7 +179,7 @@ def generate(
 
     graphdef, params = nnx.split(model)
     first_logits, cache = _prefill(graphdef, params, input_ids, attention_mask, max_length, moe_backend)
-    tokens, logits, steps = _decode_loop(
+    tokens, logits, steps, _ = _decode_loop(
         graphdef,
         params,
         first_logits,
@@ -187,7 +199,7 @@ def generate(
     return Generation(tokens=tokens, lengths=first_stop.astype(np.int32), logits=kept)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "moe_backend"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "moe_backend"), donate_argnames=("cache",))
 def _greedy_step(graphdef, params, token, cache, moe_backend):
     logits, cache = decode_step(nnx.merge(graphdef, params), token, cache, moe_backend)
     return greedy_tokens(logits), cache

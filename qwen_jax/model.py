@@ -1,20 +1,28 @@
-"""The Qwen3.5/3.6 MoE text decoder: embedding, the layer stack, final norm and an untied lm_head."""
+"""The Qwen3.5/3.6 MoE text decoder: embedding, the layer stack, final norm and an untied lm_head.
+
+Read top-down: :func:`run_decoder` embeds the tokens, runs each :class:`DecoderLayer` (token mixer, then the sparse
+MoE, each behind an RMSNorm and a residual add) and applies the final norm and lm_head. A layer's token mixer is a
+full-attention block (:mod:`qwen_jax.attention`) or a Gated DeltaNet block (:mod:`qwen_jax.deltanet`); each owns its
+decode state (:mod:`qwen_jax.cache`) and computes ``(x, context, state) -> (out, new state)``.
+"""
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwen_jax.attention import GatedAttention, attend
+from qwen_jax.attention import GatedAttention
+from qwen_jax.cache import DecodeState, LayerState, TokenContext
 from qwen_jax.config import ModelConfig
 from qwen_jax.deltanet import GatedDeltaNet
 from qwen_jax.moe import Routing, SparseMoe
 from qwen_jax.norms import RMSNorm
-from qwen_jax.ops import F32
+from qwen_jax.ops import dense, tie_to
 from qwen_jax.rope import rope_cos_sin
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -33,11 +41,44 @@ class DecoderLayer(nnx.Module):
         self.layer_type = layer_type
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        if layer_type == "linear_attention":
+        if layer_type == "linear_attention":  # attribute names as in the checkpoint
             self.linear_attn = GatedDeltaNet(cfg, dtype, rngs)
         else:
             self.self_attn = GatedAttention(cfg, dtype, rngs)
         self.mlp = SparseMoe(cfg, dtype, rngs)
+
+    @property
+    def token_mixer(self) -> GatedDeltaNet | GatedAttention:
+        return self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
+
+    def __call__(
+        self, h: jax.Array, context: TokenContext, state: LayerState | None, moe_backend: str = "auto"
+    ) -> tuple[jax.Array, LayerState | None, Routing]:
+        """h [B, L, hidden] -> (h, the layer's new decode state or None without one, routing)."""
+        with jax.named_scope(self.layer_type):
+            x, state = self.token_mixer(self.input_layernorm(h), context, state)
+        h = (h + x).astype(h.dtype)
+        with jax.named_scope("moe"):
+            x, routing = moe_in_chunks(self.mlp, self.post_attention_layernorm(h), moe_backend)
+        return (h + x).astype(h.dtype), state, routing
+
+
+#: Tokens per MoE call. The MoE's activations grow with the tokens (a 32k-token prefill sorts 262k (token, slot) rows
+#: of the hidden width, which XLA:CPU scatters in fp32: GiBs per layer); in chunks of this many they stay bounded.
+MOE_CHUNK = 4096
+
+
+def moe_in_chunks(moe: SparseMoe, x: jax.Array, backend: str) -> tuple[jax.Array, Routing]:
+    """``moe(x)`` over the flattened tokens of ``x`` [..., hidden], :data:`MOE_CHUNK` tokens at a time. Each token is
+    routed and computed on its own, so chunking changes no result."""
+    n_tokens, width = math.prod(x.shape[:-1]), x.shape[-1]
+    if n_tokens <= MOE_CHUNK:
+        return moe(x, backend=backend)
+    pad = -n_tokens % MOE_CHUNK
+    chunks = jnp.pad(x.reshape(n_tokens, width), ((0, pad), (0, 0))).reshape(-1, MOE_CHUNK, width)
+    out, routing = jax.lax.map(lambda chunk: moe(chunk, backend=backend), chunks)
+    routing = jax.tree.map(lambda r: r.reshape(-1, *r.shape[2:])[:n_tokens], routing)
+    return out.reshape(-1, width)[:n_tokens].reshape(x.shape), routing
 
 
 class Qwen35MoeForCausalLM(nnx.Module):
@@ -70,20 +111,13 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
-    """bool [B, L, L]: query l sees key t when t <= l and t is a real token."""
-    length = attention_mask.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    return causal[None] & (attention_mask[:, None, :] > 0)
-
-
 def run_decoder(
     model: Qwen35MoeForCausalLM,
     input_ids,
     attention_mask,
     positions,
     moe_backend,
-    cache=None,
+    cache: DecodeState | None = None,
     last_only=False,
 ):
     """The decoder on ``input_ids`` [B, L]: a plain forward (``cache`` None), a prefill that fills an empty
@@ -95,60 +129,31 @@ def run_decoder(
     cfg = model.cfg
     length = input_ids.shape[1]
     decoding = cache is not None and length == 1
-    h = jnp.take(model.embed_tokens[...], input_ids, axis=0)
+    if attention_mask is None:  # a decode step's token is real
+        attention_mask = jnp.ones_like(input_ids)
+    with jax.named_scope("embed"):
+        (embed_tokens,) = tie_to(input_ids, model.embed_tokens[...])
+        h = jnp.take(embed_tokens, input_ids, axis=0)
     cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, h.dtype)
-    if decoding:
-        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, jnp.ones_like(input_ids), (0, cache.length))
-        mask = key_mask[:, None, :] > 0
-    else:
-        mask = causal_padding_mask(attention_mask)
-    keys, values, conv, recurrent = [], [], [], []
-    hidden, routings = [h], []
-    for layer in model.layers:
-        x = layer.input_layernorm(h)
-        if layer.layer_type == "linear_attention":
-            i = len(conv)
-            x, history, state = layer.linear_attn(
-                x,
-                pad_mask=None if decoding else attention_mask,
-                conv_history=cache.conv[i] if decoding else None,
-                state=cache.recurrent[i] if decoding else None,
-            )
-            conv.append(history)
-            recurrent.append(state)
-        else:
-            i = len(keys)
-            q, k, v, gate = layer.self_attn.project_qkv(x, cos, sin)
-            if cache is not None:
-                start = cache.length if decoding else 0
-                k = jax.lax.dynamic_update_slice(cache.keys[i], k, (0, start, 0, 0))
-                v = jax.lax.dynamic_update_slice(cache.values[i], v, (0, start, 0, 0))
-                keys.append(k)
-                values.append(v)
-                if not decoding:  # prefill attends to its own keys only
-                    k, v = k[:, :length], v[:, :length]
-            x = layer.self_attn.output(attend(q, k, v, mask), gate)
-        h = (h + x).astype(h.dtype)
-        x, routing = layer.mlp(layer.post_attention_layernorm(h), backend=moe_backend)
-        h = (h + x).astype(h.dtype)
+    key_mask, start = None, 0
+    if cache is not None:
+        start = cache.length
+        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, attention_mask.astype(jnp.int32), (0, start))
+    context = TokenContext(cos, sin, attention_mask, key_mask, start, decoding)
+    states = cache.layers if cache is not None else (None,) * len(model.layers)
+    hidden, routings, new_states = [h], [], []
+    for index, (layer, state) in enumerate(zip(model.layers, states, strict=True)):
+        with jax.named_scope(f"layer_{index}"):
+            h, state, routing = layer(h, context, state, moe_backend)
         hidden.append(h)
         routings.append(routing)
-    hidden[-1] = model.norm(h)  # as HF: the last hidden state is the final norm's output
-    final = hidden[-1][:, -1:] if last_only else hidden[-1]
-    logits = jnp.matmul(final, model.lm_head[...], preferred_element_type=F32).astype(h.dtype)
+        new_states.append(state)
+    with jax.named_scope("head"):
+        hidden[-1] = model.norm(h)  # as HF: the last hidden state is the final norm's output
+        logits = dense(hidden[-1][:, -1:] if last_only else hidden[-1], model.lm_head[...])
     new_cache = None
     if cache is not None:
-        if not decoding:
-            key_mask = jax.lax.dynamic_update_slice(cache.key_mask, attention_mask.astype(jnp.int32), (0, 0))
-        new_cache = cache._replace(
-            keys=tuple(keys),
-            values=tuple(values),
-            conv=tuple(conv),
-            recurrent=tuple(recurrent),
-            key_mask=key_mask,
-            length=(cache.length if decoding else 0) + length,
-            next_position=positions[:, -1] + 1,
-        )
+        new_cache = DecodeState(tuple(new_states), key_mask, start + length, positions[:, -1] + 1)
     return logits, tuple(hidden), tuple(routings), new_cache
 
 

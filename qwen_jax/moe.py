@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from qwen_jax.config import ModelConfig
-from qwen_jax.ops import F32, dense, sigmoid, swiglu
+from qwen_jax.ops import F32, dense, sigmoid, swiglu, tie_to
 from qwen_jax.sharding import DP, EP, expert_parallel_size
 
 
@@ -73,6 +73,7 @@ def _row_experts(group_sizes: jax.Array, n_rows: int) -> jax.Array:
 def gather_expert_ffn(x_sorted, group_sizes, gate_up, down):
     """Gathers each row's own expert weights: reads exactly the routed experts. Best for a few rows (decode)."""
     experts = _row_experts(group_sizes, x_sorted.shape[0])
+    gate_up, down = tie_to(experts, gate_up, down)
     h = jnp.einsum("rh,rhf->rf", x_sorted, gate_up[experts], preferred_element_type=F32).astype(
         x_sorted.dtype
     )
@@ -102,31 +103,40 @@ def blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block: int = 32):
 
     Each expert's weights are sliced once (XLA:CPU copies a dynamic slice, so slicing them per block would copy
     them again for every block), and each block is one [block, hidden] matmul. A block that runs past its
-    expert's rows computes them too but keeps only its own. The cost is the routed FLOPs plus under one block per
-    expert, where XLA:CPU's ``ragged_dot`` runs every expert on every row.
+    expert's rows computes them too but keeps only its own; one that would run past the last row is moved back to
+    end there. The cost is the routed FLOPs plus under one block per expert, where XLA:CPU's ``ragged_dot`` runs
+    every expert on every row.
 
     JAX cannot differentiate a loop with a dynamic trip count in reverse mode, so the VJP is written out
-    (:func:`_blocked_expert_ffn_bwd`): the exact derivative, computed over the same blocks.
+    (:func:`_blocked_expert_ffn_bwd`): the exact derivative, computed block by block over each expert's rows.
     """
-    n_rows = x_sorted.shape[0]
+    n_rows, n_experts = x_sorted.shape[0], gate_up.shape[0]
+    if n_rows < block:  # fewer rows than one block: pad them to one (the undecorated function: this is the primal)
+        padded = jnp.pad(x_sorted, ((0, block - n_rows), (0, 0)))
+        return blocked_expert_ffn.fun(padded, group_sizes, gate_up, down, block)[:n_rows]
     starts = jnp.cumsum(group_sizes) - group_sizes
-    rows_padded = _pad_rows(x_sorted, block)
 
     def one_expert(expert, out):
-        expert_gate_up, expert_down = gate_up[expert], down[expert]
+        expert_gate_up, expert_down = tie_to(expert, gate_up, down)
+        expert_gate_up, expert_down = expert_gate_up[expert], expert_down[expert]
         size, start = group_sizes[expert], starts[expert]
 
         def one_block(i, out):
-            first = start + i * block
-            rows = jax.lax.dynamic_slice_in_dim(rows_padded, first, block)
+            first = jnp.minimum(start + i * block, n_rows - block)
+            (rows,) = tie_to(first, x_sorted)
+            rows = jax.lax.dynamic_slice_in_dim(rows, first, block)
             y = _expert_block(rows, expert_gate_up, expert_down)
-            y = jnp.where(_block_mask(i, size, block), y, jax.lax.dynamic_slice_in_dim(out, first, block))
+            row = first + jnp.arange(block)
+            mine = ((row >= start + i * block) & (row < start + size))[:, None]
+            y = jnp.where(mine, y, jax.lax.dynamic_slice_in_dim(out, first, block))
             return jax.lax.dynamic_update_slice_in_dim(out, y, first, 0)
 
         return jax.lax.fori_loop(0, -(-size // block), one_block, out)
 
-    out = _varying_like(jnp.zeros((n_rows + block, down.shape[-1]), x_sorted.dtype), down)
-    return jax.lax.fori_loop(0, gate_up.shape[0], one_expert, out)[:n_rows]
+    # The output starts as a copy of the rows, not of zeros: XLA:CPU makes a loop's copy of a constant at the start
+    # of the program, every layer's at once. Every row in a group is overwritten; the others are not outputs.
+    return jax.lax.fori_loop(0, n_experts, one_expert, _varying_like(x_sorted, down))
+
 
 
 def _blocked_expert_ffn_fwd(x_sorted, group_sizes, gate_up, down, block):
@@ -237,7 +247,10 @@ def slot_outputs(x, experts, gate_up, down, expert_ffn: Callable) -> jax.Array:
     n_experts = gate_up.shape[0]
     order, group_sizes = sort_by_expert(experts, n_experts)
     y_sorted = expert_ffn(x[order // k], group_sizes, gate_up, down)
-    y = jnp.zeros((n * k, x.shape[-1]), x.dtype).at[order].set(y_sorted).reshape(n, k, -1)
+    # Unsorted by a gather: XLA:CPU computes a bf16 scatter in fp32, into a copy of its zeros that it schedules at the
+    # start of the program, one per layer (GiBs for a long forward).
+    position = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
+    y = y_sorted[position].reshape(n, k, -1)
     here = (experts >= 0) & (experts < n_experts)
     return jnp.where(here[..., None], y, jnp.zeros((), y.dtype))
 

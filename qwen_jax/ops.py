@@ -6,6 +6,8 @@ op computes in fp32 and rounds its output once.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +16,35 @@ F32 = jnp.float32
 
 
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x @ w`` for a kernel in [in, out] layout, accumulated in fp32 and rounded to ``x.dtype``."""
+    """``x @ w`` for a kernel in [in, out] layout, accumulated in fp32 and rounded to ``x.dtype``.
+
+    XLA:CPU has no bf16 kernel for a one-row product (a batch-1 decode step): it converts both operands to fp32, and
+    inside a decode loop that conversion of the (loop-invariant) weights is hoisted out of the loop, an fp32 copy of
+    every weight. So on the CPU a single bf16 row is computed as two (the second a copy, dropped): the same
+    fp32-accumulated product of the same operands, with the weights read in bf16.
+    """
+    rows = math.prod(x.shape[:-1])
+    if rows == 1 and x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        two = jnp.broadcast_to(x.reshape(1, -1), (2, x.shape[-1]))
+        return jnp.matmul(two, w, preferred_element_type=F32)[:1].astype(x.dtype).reshape(*x.shape[:-1], -1)
     return jnp.matmul(x, w, preferred_element_type=F32).astype(x.dtype)
+
+
+def tie_to(anchor: jax.Array, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """``arrays``, tied by an optimization barrier to ``anchor``: XLA computes nothing from them before ``anchor``.
+
+    Two uses, both about where XLA:CPU places work:
+    - the weights a gather or dynamic slice reads at a loop-varying index (the anchor). XLA:CPU computes a bf16 gather
+      or dynamic slice in fp32: it converts the whole operand, and when the operand is loop-invariant (an expert
+      loop's weights, a decode loop's embedding table) that conversion is hoisted out of the loop, an fp32 copy of
+      the whole tensor. Tied to the index, the conversion stays in the loop and fuses into the slice, which then
+      converts only what it reads;
+    - a loop's initial buffer (zeros), tied to the loop's input: otherwise XLA:CPU makes each layer's copy of it at
+      the start of the program, and all of them stay live at once.
+    Values are unchanged.
+    """
+    tied = jax.lax.optimization_barrier((anchor, *arrays))
+    return tied[1:]
 
 
 def split_columns(x: jax.Array, widths: dict[str, int]) -> list[jax.Array]:
