@@ -111,7 +111,7 @@ def blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block: int = 32):
     (:func:`_blocked_expert_ffn_bwd`): the exact derivative, computed block by block over each expert's rows.
     """
     n_rows, n_experts = x_sorted.shape[0], gate_up.shape[0]
-    if n_rows < block:  # fewer rows than one block: pad them to one (the undecorated function: this is the primal)
+    if n_rows < block:  # fewer rows than one block: pad them to one (``.fun``: this runs inside the primal)
         padded = jnp.pad(x_sorted, ((0, block - n_rows), (0, 0)))
         return blocked_expert_ffn.fun(padded, group_sizes, gate_up, down, block)[:n_rows]
     starts = jnp.cumsum(group_sizes) - group_sizes
@@ -136,7 +136,6 @@ def blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block: int = 32):
     # The output starts as a copy of the rows, not of zeros: XLA:CPU makes a loop's copy of a constant at the start
     # of the program, every layer's at once. Every row in a group is overwritten; the others are not outputs.
     return jax.lax.fori_loop(0, n_experts, one_expert, _varying_like(x_sorted, down))
-
 
 
 def _blocked_expert_ffn_fwd(x_sorted, group_sizes, gate_up, down, block):
