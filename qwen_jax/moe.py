@@ -197,9 +197,14 @@ blocked_expert_ffn.defvjp(_blocked_expert_ffn_fwd, _blocked_expert_ffn_bwd)
 
 def _varying_like(x: jax.Array, reference: jax.Array) -> jax.Array:
     """``x`` marked as varying over the mesh axes ``reference`` varies over (inside ``shard_map``, a loop carry
-    must have the same type as the body's result, which depends on the device's own experts)."""
-    manual = getattr(jax.typeof(reference), "manual_axis_type", None)
-    axes = tuple(sorted(manual.varying)) if manual is not None else ()
+    must have the same type as the body's result, which depends on the device's own experts). Axes ``x`` already
+    varies over are left as they are."""
+
+    def varying(a: jax.Array) -> set:
+        manual = getattr(jax.typeof(a), "manual_axis_type", None)
+        return set(manual.varying) if manual is not None else set()
+
+    axes = tuple(sorted(varying(reference) - varying(x)))
     return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
