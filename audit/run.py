@@ -322,6 +322,20 @@ def _jax_manifest(weights: Path, inputs_like: dict) -> dict:
     }
 
 
+def _reference_replies(reference: ReferenceRun, jax_run):
+    """The reference's greedy ids per prompt, and whether the JAX side's divergence from them is a near-tie."""
+    from audit.replay import ReferenceReplies
+
+    generated, near_tie = {}, {}
+    for prompt, ref, divergence in zip(
+        reference.prompts, reference.sequences, jax_run.divergences, strict=True
+    ):
+        generated[tuple(prompt.ids)] = [int(t) for t in ref.generated]
+        if divergence is not None:
+            near_tie[tuple(prompt.ids)] = divergence.classification == "near-tie"
+    return ReferenceReplies(generated=generated, near_tie=near_tie)
+
+
 def _replay(inputs: Inputs, args, model, jax_run, reference: ReferenceRun) -> dict | None:
     """The replay of logged samples, reusing the JAX greedy outputs already made for the same prompts."""
     if inputs.samples is None:
@@ -351,6 +365,7 @@ def _replay(inputs: Inputs, args, model, jax_run, reference: ReferenceRun) -> di
         max_new_tokens=inputs.max_new_tokens,
         stop_token_ids=inputs.stop_token_ids,
         limit=args.limit,
+        reference=_reference_replies(reference, jax_run),
     )
     if args.reasoning_split:
         kwargs["reasoning_split"] = args.reasoning_split
