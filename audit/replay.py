@@ -32,6 +32,7 @@ line): the CLI turns it into exit status 2.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ __all__ = [
     "DEFAULT_MAX_GEN_TOKS",
     "DEFAULT_STOP_TOKENS",
     "MAX_STOP_STRINGS",
+    "NOT_REPRODUCED_BY_REFERENCE",
+    "PORT_DIVERGENCE",
     "GenerateFn",
     "ItemReplay",
     "ReferenceReplies",
@@ -73,6 +76,7 @@ __all__ = [
     "load_samples_files",
     "replay_samples",
     "replay_submission",
+    "select_samples",
 ]
 
 # lm-eval ``local-chat-completions``: ``max_tokens = gen_kwargs.pop("max_gen_toks", 256)``.
@@ -520,6 +524,19 @@ def load_samples_files(paths: Iterable[str | Path]) -> list[SamplesFile]:
     return files
 
 
+def select_samples(
+    sf: SamplesFile, limit: int | None = None, sample: tuple[int, int] | None = None
+) -> tuple[Sample, ...]:
+    """The samples of ``sf`` an audit replays: the first ``limit``, or with ``sample = (n, seed)`` a random
+    subset of ``n`` (all when fewer), the same for the same seed, task and file, kept in file order. The random
+    generator is seeded with the seed and the task name, so each task draws its own subset."""
+    if sample is not None:
+        n, seed = sample
+        picked = random.Random(f"{seed}:{sf.task}").sample(range(len(sf.samples)), min(n, len(sf.samples)))
+        return tuple(sf.samples[k] for k in sorted(picked))
+    return sf.samples[:limit] if limit is not None else sf.samples
+
+
 def replay_samples(
     samples_files: Sequence[SamplesFile],
     *,
@@ -534,6 +551,7 @@ def replay_samples(
     stop_token_ids: Collection[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     reference: ReferenceReplies | None = None,
+    sample: tuple[int, int] | None = None,
 ) -> ReplayResult:
     """Replay every sample of ``samples_files`` and compare with the logs.
 
@@ -547,6 +565,7 @@ def replay_samples(
         enable_thinking: passed to the chat template when not ``None`` (recorded in the result).
         batch_size: prompts per ``generate`` call.
         limit: replay only the first ``limit`` samples of each file.
+        sample: ``(n, seed)``: replay a random subset of ``n`` samples of each file (:func:`select_samples`).
         stop_token_ids: ids that end a generation (default: ``<|im_end|>``, ``<|endoftext|>`` and the
             tokenizer's ``eos_token_id``).
         progress: called as ``progress(done, total)`` after each ``generate`` call.
@@ -572,6 +591,7 @@ def replay_samples(
         stop_token_ids=stop_token_ids,
         progress=progress,
         reference=reference,
+        sample=sample,
     )
 
 
@@ -591,10 +611,13 @@ def _replay(
     extra_warnings: Sequence[str] = (),
     submission_check: SubmissionCheck | None = None,
     reference: ReferenceReplies | None = None,
+    sample: tuple[int, int] | None = None,
 ) -> ReplayResult:
     mode = ReasoningSplit(reasoning_split)
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError("max_new_tokens, batch_size and limit must be at least 1")
+    if sample is not None and sample[0] < 1:
+        raise ValueError("the sample size must be at least 1")
     warnings: list[str] = list(extra_warnings)
     if enable_thinking is False and mode is ReasoningSplit.QWEN3:
         warnings.append(
@@ -608,7 +631,7 @@ def _replay(
 
     per_file: list[tuple[SamplesFile, list[_Prepared]]] = []
     for sf in samples_files:
-        samples = sf.samples[:limit] if limit is not None else sf.samples
+        samples = select_samples(sf, limit, sample)
         if not samples:
             raise SamplesError(f"{sf.source}: no samples to replay")
         for s in filter_mismatches(samples):

@@ -47,6 +47,8 @@ class Inputs:
         if args.prompts is not None:
             specs, source = read_prompts_file(args.prompts), str(args.prompts)
         elif samples is not None:
+            from audit.replay import select_samples
+
             specs = [
                 PromptSpec(
                     f"{s.task} doc {s.doc_id}",
@@ -54,7 +56,7 @@ class Inputs:
                     chat_template_kwargs=_thinking_kwargs(args),
                 )
                 for f in samples["files"]
-                for s in list(f)[: args.limit]
+                for s in select_samples(f, args.limit, _sample(args))
             ]
             source = samples["source"]
             if not specs:
@@ -101,6 +103,11 @@ class Inputs:
             max_new_tokens=max_new_tokens,
             stop_token_ids=tuple(manifest.get("stop_token_ids") or _stop_token_ids(checkpoint)),
         )
+
+
+def _sample(args) -> tuple[int, int] | None:
+    """``--sample N --sample-seed S`` as ``(N, S)``, or ``None``."""
+    return None if getattr(args, "sample", None) is None else (args.sample, args.sample_seed)
 
 
 def _thinking_kwargs(args) -> dict:
@@ -365,6 +372,7 @@ def _replay(inputs: Inputs, args, model, jax_run, reference: ReferenceRun) -> di
         max_new_tokens=inputs.max_new_tokens,
         stop_token_ids=inputs.stop_token_ids,
         limit=args.limit,
+        sample=_sample(args),
         reference=_reference_replies(reference, jax_run),
     )
     if args.reasoning_split:
@@ -416,6 +424,7 @@ def compare(args, version: str) -> int:
         "prompts_source": inputs.prompts_source,
         "reference_source": "live" if args.reference is None else "bundle",
         "reasoning_split": args.reasoning_split,
+        "sample": None if _sample(args) is None else {"n": args.sample, "seed": args.sample_seed},
     }
     report = build_report(
         reference=reference,

@@ -26,6 +26,7 @@ from audit.replay import (
     load_samples_files,
     replay_samples,
     replay_submission,
+    select_samples,
 )
 from audit.samples import SamplesError, read_samples
 from audit.scoring import ReasoningSplit
@@ -364,6 +365,25 @@ def test_unreproduced_items_are_classified_against_the_reference(tok, files):
         reference=refs,
     )
     assert [i.meta_id for i in faithful.items if not i.equal] == [104]
+
+
+def test_sample_is_a_reproducible_subset_per_task(tok, files):
+    """--sample N --sample-seed S: N samples per task, in file order, the same for the same seed; each task draws
+    its own subset (seeded with the task name), another seed another subset; N above the file's size keeps all."""
+    med, agro = files[0], files[1]
+    picked = {seed: [s.doc_id for s in select_samples(agro, sample=(3, seed))] for seed in (0, 1)}
+    assert all(len(ids) == 3 and ids == sorted(ids) for ids in picked.values()) and picked[0] != picked[1]
+    assert picked[0] == [s.doc_id for s in select_samples(agro, sample=(3, 0))]
+    assert [s.doc_id for s in select_samples(med, sample=(3, 0))] != picked[0]
+    assert (
+        select_samples(med, sample=(100, 0)) == med.samples
+        and select_samples(med, limit=2) == med.samples[:2]
+    )
+    result, model = run(tok, files[:2], sample=(3, 1))
+    assert [(i.task, i.doc_id) for i in result.items] == [
+        (sf.task, s.doc_id) for sf in files[:2] for s in select_samples(sf, sample=(3, 1))
+    ]
+    assert [t.items for t in result.tasks] == [3, 3] and sum(n for n, _ in model.calls) == 6
 
 
 def test_batches_share_a_budget_and_give_the_same_result(tok, files, default_run):
