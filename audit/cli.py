@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--jax-checkpoint", type=Path, help="the JAX side's weights: an Orbax dir or an HF dir"
     )
+    compare.add_argument(
+        "--mesh",
+        help="the JAX side's device mesh: ep=N or dp=D,ep=N (default: every local device on ep when there is more "
+        "than one), or none for one device",
+    )
     compare.add_argument("--reference", type=Path, help="a reference bundle from `record` (no torch needed)")
     compare.add_argument("--report", type=Path, default=Path(DEFAULT_REPORT_DIR), help="report directory")
     record = sub.add_parser("record", help="run the PyTorch reference once and save a bundle")

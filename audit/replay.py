@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from audit.metrics import first_divergence
 from audit.samples import (
     Sample,
     SamplesError,
@@ -432,11 +433,6 @@ def _reply(
     return _Reply(ids, stop_at, raw, cut, replay_content(cut, mode))
 
 
-def _first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
-    n = min(len(a), len(b))
-    return next((k for k in range(n) if a[k] != b[k]), None if len(a) == len(b) else n)
-
-
 def _finish(
     prep: _Prepared,
     generated: Sequence[int],
@@ -461,7 +457,7 @@ def _finish(
         theirs = _reply(prep, reference.generated[key], tokenizer, stop_ids, mode)
         reference_replayed = theirs.final
         # the ids up to and including the stop token: a stop on one side only is a divergence
-        first = _first_difference(
+        first = first_divergence(
             [int(t) for t in generated][: len(ours.ids) + 1],
             [int(t) for t in reference.generated[key]][: len(theirs.ids) + 1],
         )
