@@ -39,7 +39,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--samples", type=Path, nargs="+", help="lm-eval --log_samples files (samples_*.jsonl)"
     )
     source.add_argument("--submission", type=Path, help="a MERA submission zip (with logs_public.zip inside)")
-    parser.add_argument("--limit", type=int, help="only the first N samples of each samples file")
+    subset = parser.add_mutually_exclusive_group()
+    subset.add_argument("--limit", type=int, help="only the first N samples of each samples file")
+    subset.add_argument(
+        "--sample",
+        type=int,
+        metavar="N",
+        help="a reproducible random subset of N samples per task (--sample-seed)",
+    )
+    parser.add_argument("--sample-seed", type=int, default=0, help="the seed of --sample (default 0)")
     parser.add_argument(
         "--max-new-tokens", type=int, help="greedy tokens per prompt (default 256; the demo prompts: 24)"
     )
@@ -65,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--jax-checkpoint", type=Path, help="the JAX side's weights: an Orbax dir or an HF dir"
     )
+    compare.add_argument(
+        "--mesh",
+        help="the JAX side's device mesh: ep=N or dp=D,ep=N (default: every local device on ep when there is more "
+        "than one), or none for one device",
+    )
     compare.add_argument("--reference", type=Path, help="a reference bundle from `record` (no torch needed)")
     compare.add_argument("--report", type=Path, default=Path(DEFAULT_REPORT_DIR), help="report directory")
     record = sub.add_parser("record", help="run the PyTorch reference once and save a bundle")
@@ -80,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--max-new-tokens must be at least 1")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
+    if args.sample is not None and args.sample < 1:
+        parser.error("--sample must be at least 1")
 
     def body() -> int:
         if args.command == "record":

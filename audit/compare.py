@@ -16,6 +16,12 @@ appear, never compared as numbers), when a logit metric or a hidden state exceed
 diverges where the two tokens are not in each other's top 5 (vLLM's check_logprobs_close rule: otherwise it is a
 near-tie), or when the JAX side is not bitwise reproducible run to run. Routing flips are reported per layer with
 the reference's k-th/(k+1)-th probability margin; flips at near-ties are not bugs and do not decide the verdict.
+
+A second verdict, on the submission, when logged samples are replayed (``--samples``/``--submission``): the
+submission is "not reproduced" (exit 1) when the replay's final answer (after the reasoning split and MERA's
+filter: what MERA scores) differs from the logged one on ANY item, or when a submission zip's outputs differ from
+its logs (:data:`SUBMISSION_RULE`). An item whose reply differs but whose final answer agrees is named, not failed.
+``verdict.failed`` lists which verdicts failed: "port", "submission" or both.
 """
 
 from __future__ import annotations
@@ -247,6 +253,64 @@ def verdict(
     }
 
 
+SUBMISSION_RULE = (
+    "the submission is reproduced when every replayed final answer (after the reasoning split and MERA's filter) "
+    "equals the logged one and the submission's outputs equal its logs; a single unreproduced final answer fails it"
+)
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def describe_item(item: dict) -> str:
+    """One line naming an item not reproduced: task, doc_id, logged vs replayed reply, and its class."""
+    line = (
+        f"{item['task']} doc {item['doc_id']}: logged {_shorten(item['logged_reply'])} vs replayed "
+        f"{_shorten(item['replayed_reply'])}"
+    )
+    if item["classification"] is not None:
+        line += f"; {item['classification']}"
+    if item["first_divergence"] is not None:
+        tie = {True: "a near-tie", False: "not a near-tie", None: "near-tie unknown"}[item["near_tie"]]
+        line += f" (first divergence at generated token {item['first_divergence']}, {tie})"
+    line += "; final answer " + ("agrees" if item["equal"] else "differs")
+    if item["truncated_by_cap"]:
+        line += " (cut short by --max-new-tokens)"
+    return line
+
+
+def submission_verdict(replay: dict | None) -> dict | None:
+    """The verdict on the submission from the replay section (``None`` without a replay): see
+    :data:`SUBMISSION_RULE`. ``reasons`` names every item not reproduced (:func:`describe_item`)."""
+    if replay is None:
+        return None
+    items = replay["items"]
+    named = [i for i in items if not i["reproduced"]]
+    unreproduced = sum(not i["equal"] for i in items)
+    outputs = [] if replay["submission"] is None else replay["submission"]["output_mismatches"]
+    reasons = [describe_item(i) for i in named] + [
+        f"submission output differs from the logs: {m}" for m in outputs
+    ]
+    failed = bool(unreproduced or outputs)
+    return {
+        "status": "not_reproduced" if failed else "reproduced",
+        "rule": SUBMISSION_RULE,
+        "items": len(items),
+        "reproduced_items": len(items) - len(named),
+        "unreproduced_final_answers": unreproduced,
+        "reasons": reasons,
+    }
+
+
+def combine_verdicts(port: dict, submission: dict | None) -> dict:
+    """The port verdict with the submission's beside it; the exit code is 1 when either failed."""
+    failed = (["port"] if port["status"] == "diverge" else []) + (
+        ["submission"] if submission is not None and submission["status"] == "not_reproduced" else []
+    )
+    return {**port, "exit_code": int(bool(failed)), "submission": submission, "failed": failed}
+
+
 def build_report(
     *,
     reference: ReferenceRun,
@@ -292,7 +356,9 @@ def build_report(
         "tool": {"name": "qwen-jax-audit", "version": tool_version},
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "claim": CLAIM,
-        "verdict": verdict(summary, tol, layers, greedy, determinism, non_finite),
+        "verdict": combine_verdicts(
+            verdict(summary, tol, layers, greedy, determinism, non_finite), submission_verdict(replay)
+        ),
         "settings": settings,
         "manifest": {"reference": reference.manifest, "jax": jax_manifest, "differences": differences},
         "tolerances": tol.to_json(),

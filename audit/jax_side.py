@@ -62,19 +62,49 @@ def run_jax(
     max_new_tokens: int,
     stop_token_ids: Sequence[int],
     progress: bool = True,
+    journal=None,
 ) -> JaxRun:
+    """The JAX side on every prompt. With an :class:`audit.journal.Journal`, each prompt's results are journaled
+    as it finishes and the prompts already journaled are not run again."""
     sequences, position_metrics, divergences, bitwise = [], [], [], []
-    for prompt, ref in tqdm(
-        list(zip(reference.prompts, reference.sequences, strict=True)),
-        desc="jax",
-        disable=not progress,
-        leave=False,
+    done = {} if journal is None else journal.done("jax")
+    for index, (prompt, ref) in enumerate(
+        tqdm(
+            list(zip(reference.prompts, reference.sequences, strict=True)),
+            desc="jax",
+            disable=not progress,
+            leave=False,
+        )
     ):
-        generated = greedy(model, [prompt.ids], max_new_tokens, stop_token_ids)[0]
-        logits, hidden, experts = teacher_forced(model, ref.tokens)
-        bitwise.append(determinism.run_pair(logits, teacher_forced(model, ref.tokens)[0]))
-        position_metrics.append(metrics.per_position_logit_metrics(ref.logits, logits))
-        divergences.append(_divergence(ref, generated, logits))
+        if index in done:
+            entry = done[index]
+            generated, hidden, experts = entry["generated"], entry["hidden"], entry["experts"]
+            position_metrics.append(entry["metrics"])
+            divergences.append(
+                None if entry["divergence"] is None else metrics.Divergence(**entry["divergence"])
+            )
+            bitwise.append(tuple(entry["bitwise"]))
+        else:
+            generated = greedy(model, [prompt.ids], max_new_tokens, stop_token_ids)[0]
+            logits, hidden, experts = teacher_forced(model, ref.tokens)
+            bitwise.append(determinism.run_pair(logits, teacher_forced(model, ref.tokens)[0]))
+            position_metrics.append(metrics.per_position_logit_metrics(ref.logits, logits))
+            divergences.append(_divergence(ref, generated, logits))
+            if journal is not None:
+                journal.append(
+                    "jax",
+                    index,
+                    {
+                        "generated": generated,
+                        "hidden": hidden,
+                        "experts": experts,
+                        "metrics": position_metrics[-1],
+                        "divergence": None
+                        if divergences[-1] is None
+                        else dataclasses.asdict(divergences[-1]),
+                        "bitwise": bitwise[-1],
+                    },
+                )
         sequences.append(SequenceRecord(ref.prompt_len, ref.tokens, generated, hidden, experts))
     checks = [determinism.logits_check("jax", bitwise)]
     again = greedy(model, [reference.prompts[0].ids], max_new_tokens, stop_token_ids)[0]

@@ -8,6 +8,7 @@ the tolerances (see :mod:`audit.compare`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import platform
 from collections.abc import Sequence
@@ -24,19 +25,37 @@ from audit.records import Prompt, ReferenceRun, SequenceRecord
 
 
 def load_reference_model(checkpoint: Path, dtype: str):
-    """The HF model as the reference run loads it: eager attention and eager experts (no fused kernels)."""
+    """The HF model as the reference run loads it: eager attention and eager experts (no fused kernels); with CUDA,
+    spread over the GPUs by transformers' ``device_map="auto"`` (inputs go to ``model.device``, its first device).
+    The CUDA path is not tested here (no GPU in the test environment)."""
+    placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
     model = Qwen3_5MoeForCausalLM.from_pretrained(
-        checkpoint, dtype=getattr(torch, dtype), attn_implementation="eager", experts_implementation="eager"
+        checkpoint,
+        dtype=getattr(torch, dtype),
+        attn_implementation="eager",
+        experts_implementation="eager",
+        **placement,
     )
     return model.eval()
+
+
+def reference_devices() -> list[str]:
+    """The devices the reference runs on (the manifest's ``devices``)."""
+    if torch.cuda.is_available():
+        return [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
 
 
 def greedy(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_token_ids: Sequence[int]):
     """HF ``generate(do_sample=False)`` of a left-padded batch; the generated tokens of each row, stop included."""
     width = max(len(p) for p in prompts)
     pad = stop_token_ids[0]
-    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    ids = torch.tensor(
+        [[pad] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long, device=model.device
+    )
+    mask = torch.tensor(
+        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=model.device
+    )
     with torch.no_grad():
         out = model.generate(
             ids,
@@ -50,7 +69,7 @@ def greedy(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_to
             top_k=None,
         )
     rows = []
-    for row in out[:, width:].numpy():
+    for row in out[:, width:].cpu().numpy():
         stops = np.nonzero(np.isin(row, stop_token_ids))[0]
         rows.append(row[: stops[0] + 1] if len(stops) else row)
     return [np.asarray(r, np.int32) for r in rows]
@@ -58,12 +77,12 @@ def greedy(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_to
 
 def teacher_forced(model, tokens: np.ndarray):
     """(logits [T, V] float32, hidden [n_states, T, H] float32, router logits [n_layers, T, E] float32)."""
-    ids = torch.as_tensor(tokens[None], dtype=torch.long)
+    ids = torch.as_tensor(tokens[None], dtype=torch.long, device=model.device)
     with torch.no_grad():
         out = model(ids, output_hidden_states=True, output_router_logits=True, use_cache=False)
-    hidden = np.stack([h[0].float().numpy() for h in out.hidden_states])
-    router = np.stack([r.float().numpy() for r in out.router_logits])
-    return out.logits[0].float().numpy(), hidden, router
+    hidden = np.stack([h[0].float().cpu().numpy() for h in out.hidden_states])
+    router = np.stack([r.float().cpu().numpy() for r in out.router_logits])
+    return out.logits[0].float().cpu().numpy(), hidden, router
 
 
 def router_top(router_logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +109,15 @@ def calibrate(
     }
 
 
+def _record_json(record: SequenceRecord) -> dict:
+    fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    return fields | {"logits": dataclasses.asdict(record.logits)}
+
+
+def _record_from_json(data: dict) -> SequenceRecord:
+    return SequenceRecord(**(data | {"logits": metrics.LogitView(**data["logits"])}))
+
+
 def record_reference(
     checkpoint: Path,
     prompts: Sequence[Prompt],
@@ -100,13 +128,22 @@ def record_reference(
     stop_token_ids: Sequence[int],
     manifest: dict,
     progress: bool = True,
+    journal=None,
 ) -> ReferenceRun:
-    """Runs the reference on every prompt; see the module docstring."""
+    """Runs the reference on every prompt; see the module docstring. With an :class:`audit.journal.Journal`, each
+    prompt's record is journaled as it finishes and the prompts already journaled are not run again."""
     torch.manual_seed(seed)
     model = load_reference_model(checkpoint, dtype)
     k = model.config.num_experts_per_tok
     sequences, bitwise = [], []
-    for prompt in tqdm(prompts, desc="reference (torch)", disable=not progress, leave=False):
+    done = {} if journal is None else journal.done("reference")
+    for index, prompt in enumerate(
+        tqdm(prompts, desc="reference (torch)", disable=not progress, leave=False)
+    ):
+        if index in done:
+            sequences.append(_record_from_json(done[index]["record"]))
+            bitwise.append(tuple(done[index]["bitwise"]))
+            continue
         generated = greedy(model, [prompt.ids], max_new_tokens, stop_token_ids)[0]
         tokens = np.concatenate([np.asarray(prompt.ids, np.int32), generated])
         logits, hidden, router = teacher_forced(model, tokens)
@@ -124,6 +161,10 @@ def record_reference(
                 router_probs=probs,
             )
         )
+        if journal is not None:
+            journal.append(
+                "reference", index, {"record": _record_json(sequences[-1]), "bitwise": bitwise[-1]}
+            )
     checks = [determinism.logits_check("reference", bitwise)]
     again = greedy(model, [prompts[0].ids], max_new_tokens, stop_token_ids)[0]
     checks.append(determinism.greedy_rerun_check("reference", again, sequences[0].generated))
@@ -147,6 +188,7 @@ def record_reference(
         "framework": "torch",
         "versions": library_versions(("torch", "transformers", "numpy", "safetensors", "tokenizers")),
         "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "devices": reference_devices(),
         "host": host_info(),
         "torch_threads": torch.get_num_threads(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

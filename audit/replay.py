@@ -32,11 +32,13 @@ line): the CLI turns it into exit status 2.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from audit.metrics import first_divergence
 from audit.samples import (
     Sample,
     SamplesError,
@@ -64,14 +66,18 @@ __all__ = [
     "DEFAULT_MAX_GEN_TOKS",
     "DEFAULT_STOP_TOKENS",
     "MAX_STOP_STRINGS",
+    "NOT_REPRODUCED_BY_REFERENCE",
+    "PORT_DIVERGENCE",
     "GenerateFn",
     "ItemReplay",
+    "ReferenceReplies",
     "ReplayResult",
     "SubmissionCheck",
     "TaskReplay",
     "load_samples_files",
     "replay_samples",
     "replay_submission",
+    "select_samples",
 ]
 
 # lm-eval ``local-chat-completions``: ``max_tokens = gen_kwargs.pop("max_gen_toks", 256)``.
@@ -80,6 +86,9 @@ DEFAULT_MAX_GEN_TOKS = 256
 MAX_STOP_STRINGS = 4
 # Qwen3.6's generation_config.json EOS ids are <|im_end|> (248046) and <|endoftext|> (248044).
 DEFAULT_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+# The classes of an item whose logged reply is not reproduced (ItemReplay.classification).
+NOT_REPRODUCED_BY_REFERENCE = "not reproduced by the reference either"
+PORT_DIVERGENCE = "port divergence"
 
 GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
 """``generate(prompt_token_id_lists, max_new_tokens) -> generated ids per prompt`` (greedy). The ids may end
@@ -138,10 +147,32 @@ class ItemReplay:
     replayed_quirk: QuirkKind | None
     stopped: bool  # generation ended at a stop token or an until string
     truncated_by_cap: bool  # ran out at the caller's cap before max_gen_toks, without stopping
+    logged_reply: str = ""  # resps[0][0]: the reply as logged, before MERA's filter
+    replayed_reply: str = ""  # the same quantity from the replay (audit.scoring.logged_response)
+    reference_replayed: str | None = (
+        None  # the final answer from the reference's greedy ids (None: no reference)
+    )
+    first_divergence: int | None = None  # first generated token where JAX differs from the reference
+    near_tie: bool | None = (
+        None  # whether the port's divergence on this prompt is a near-tie (None: none known)
+    )
 
     @property
     def equal(self) -> bool:
         return self.replayed == self.logged
+
+    @property
+    def reproduced(self) -> bool:
+        """The logged reply and its final answer are both reproduced."""
+        return self.equal and self.replayed_reply == self.logged_reply
+
+    @property
+    def classification(self) -> str | None:
+        """Why an item is not reproduced (``None`` when it is, or when no reference was given): the reference
+        and JAX agree token for token but not with the log, or JAX differs from the reference."""
+        if self.reproduced or self.reference_replayed is None:
+            return None
+        return NOT_REPRODUCED_BY_REFERENCE if self.first_divergence is None else PORT_DIVERGENCE
 
     @property
     def quirk(self) -> str | None:
@@ -171,7 +202,23 @@ class ItemReplay:
             "replayed_f1": _num(self.replayed_f1),
             "quirk": self.quirk,
             "truncated_by_cap": self.truncated_by_cap,
+            "logged_reply": self.logged_reply,
+            "replayed_reply": self.replayed_reply,
+            "reproduced": self.reproduced,
+            "reference_replayed": self.reference_replayed,
+            "classification": self.classification,
+            "first_divergence": self.first_divergence,
+            "near_tie": self.near_tie,
         }
+
+
+@dataclass(frozen=True)
+class ReferenceReplies:
+    """The reference side of a replay, keyed by prompt ids: its greedy ids (the stop token included), and for
+    the prompts where the JAX greedy output diverges from it, whether that divergence is a near-tie."""
+
+    generated: Mapping[tuple[int, ...], Sequence[int]]
+    near_tie: Mapping[tuple[int, ...], bool] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -183,6 +230,7 @@ class TaskReplay:
     source: str
     items: int
     answer_agreement: float  # fraction of items with replayed == logged
+    reproduced: int  # items whose logged reply and final answer are both reproduced
     logged_em: float | None
     logged_f1: float | None
     replayed_em: float | None
@@ -199,6 +247,7 @@ class TaskReplay:
             source=source,
             items=len(items),
             answer_agreement=sum(i.equal for i in items) / len(items),
+            reproduced=sum(i.reproduced for i in items),
             logged_em=_mean([i.logged_em for i in scored]),
             logged_f1=_mean([i.logged_f1 for i in scored]),
             replayed_em=_mean([i.replayed_em for i in scored]),
@@ -214,6 +263,7 @@ class TaskReplay:
             "source": self.source,
             "items": self.items,
             "answer_agreement": self.answer_agreement,
+            "reproduced": self.reproduced,
             "logged_em": self.logged_em,
             "logged_f1": self.logged_f1,
             "replayed_em": self.replayed_em,
@@ -351,6 +401,38 @@ def _score(gold: str | None, reply: str) -> tuple[Any, Any, QuirkKind | None]:
     return result["em"], result["f1"], None if flag is None else flag.kind
 
 
+@dataclass(frozen=True)
+class _Reply:
+    """One side's generated ids through the server's pipeline: cut at the budget and the first stop token,
+    decoded, cut at the ``until`` strings; ``content`` is the chat content after the reasoning split."""
+
+    ids: list[int]
+    stop_at: int | None
+    raw: str
+    cut: str
+    content: str | None
+
+    @property
+    def final(self) -> str:
+        return mera_filter(self.content)
+
+
+def _reply(
+    prep: _Prepared,
+    generated: Sequence[int],
+    tokenizer: Tokenizer,
+    stop_ids: frozenset[int],
+    mode: ReasoningSplit,
+) -> _Reply:
+    ids = [int(t) for t in generated][: prep.budget]
+    stop_at = next((k for k, t in enumerate(ids) if t in stop_ids), None)
+    if stop_at is not None:
+        ids = ids[:stop_at]
+    raw = tokenizer.decode(ids, skip_special_tokens=True)
+    cut = apply_until(raw, prep.until)
+    return _Reply(ids, stop_at, raw, cut, replay_content(cut, mode))
+
+
 def _finish(
     prep: _Prepared,
     generated: Sequence[int],
@@ -359,20 +441,29 @@ def _finish(
     stop_ids: frozenset[int],
     mode: ReasoningSplit,
     cap: int,
+    reference: ReferenceReplies | None = None,
 ) -> ItemReplay:
     sample = prep.sample
-    ids = [int(t) for t in generated][: prep.budget]
-    stop_at = next((k for k, t in enumerate(ids) if t in stop_ids), None)
-    if stop_at is not None:
-        ids = ids[:stop_at]
-    raw = tokenizer.decode(ids, skip_special_tokens=True)
-    cut = apply_until(raw, prep.until)
-    stopped = stop_at is not None or cut != raw
-    truncated = not stopped and len(ids) >= prep.budget and cap < prep.max_gen_toks
-    replayed = mera_filter(replay_content(cut, mode))
+    ours = _reply(prep, generated, tokenizer, stop_ids, mode)
+    stopped = ours.stop_at is not None or ours.cut != ours.raw
+    truncated = not stopped and len(ours.ids) >= prep.budget and cap < prep.max_gen_toks
+    replayed = ours.final
     gold = prep.gold
     logged_em, logged_f1, logged_quirk = _score(gold, sample.filtered_response)
     replayed_em, replayed_f1, replayed_quirk = _score(gold, replayed)
+    key = tuple(prep.prompt_ids)
+    reference_replayed = first = near_tie = None
+    if reference is not None and key in reference.generated:
+        theirs = _reply(prep, reference.generated[key], tokenizer, stop_ids, mode)
+        reference_replayed = theirs.final
+        # the ids up to and including the stop token: a stop on one side only is a divergence
+        first = first_divergence(
+            [int(t) for t in generated][: len(ours.ids) + 1],
+            [int(t) for t in reference.generated[key]][: len(theirs.ids) + 1],
+        )
+        if first is not None and first >= prep.budget:
+            first = None
+        near_tie = reference.near_tie.get(key) if first is not None else None
     return ItemReplay(
         task=sample.task,
         doc_id=sample.doc_id,
@@ -380,10 +471,10 @@ def _finish(
         where=sample.where,
         prompt_hash_ok=prep.hash_ok,
         prompt_tokens=len(prep.prompt_ids),
-        generated_tokens=len(ids) + (stop_at is not None),
+        generated_tokens=len(ours.ids) + (ours.stop_at is not None),
         logged=sample.filtered_response,
         replayed=replayed,
-        replayed_raw=raw,
+        replayed_raw=ours.raw,
         gold=gold,
         logged_em=logged_em,
         logged_f1=logged_f1,
@@ -393,6 +484,11 @@ def _finish(
         replayed_quirk=replayed_quirk,
         stopped=stopped,
         truncated_by_cap=truncated,
+        logged_reply=sample.response,
+        replayed_reply=str(ours.content),
+        reference_replayed=reference_replayed,
+        first_divergence=first,
+        near_tie=near_tie,
     )
 
 
@@ -424,6 +520,19 @@ def load_samples_files(paths: Iterable[str | Path]) -> list[SamplesFile]:
     return files
 
 
+def select_samples(
+    sf: SamplesFile, limit: int | None = None, sample: tuple[int, int] | None = None
+) -> tuple[Sample, ...]:
+    """The samples of ``sf`` an audit replays: the first ``limit``, or with ``sample = (n, seed)`` a random
+    subset of ``n`` (all when fewer), the same for the same seed, task and file, kept in file order. The random
+    generator is seeded with the seed and the task name, so each task draws its own subset."""
+    if sample is not None:
+        n, seed = sample
+        picked = random.Random(f"{seed}:{sf.task}").sample(range(len(sf.samples)), min(n, len(sf.samples)))
+        return tuple(sf.samples[k] for k in sorted(picked))
+    return sf.samples[:limit] if limit is not None else sf.samples
+
+
 def replay_samples(
     samples_files: Sequence[SamplesFile],
     *,
@@ -437,6 +546,8 @@ def replay_samples(
     limit: int | None = None,
     stop_token_ids: Collection[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    reference: ReferenceReplies | None = None,
+    sample: tuple[int, int] | None = None,
 ) -> ReplayResult:
     """Replay every sample of ``samples_files`` and compare with the logs.
 
@@ -450,9 +561,12 @@ def replay_samples(
         enable_thinking: passed to the chat template when not ``None`` (recorded in the result).
         batch_size: prompts per ``generate`` call.
         limit: replay only the first ``limit`` samples of each file.
+        sample: ``(n, seed)``: replay a random subset of ``n`` samples of each file (:func:`select_samples`).
         stop_token_ids: ids that end a generation (default: ``<|im_end|>``, ``<|endoftext|>`` and the
             tokenizer's ``eos_token_id``).
         progress: called as ``progress(done, total)`` after each ``generate`` call.
+        reference: the reference side's greedy ids per prompt: each item not reproduced is then classified
+            (``ItemReplay.classification``) as not reproduced by the reference either, or a port divergence.
 
     Raises:
         SamplesError: malformed gen_kwargs or messages, an empty samples file (one-line message naming the
@@ -472,6 +586,8 @@ def replay_samples(
         limit=limit,
         stop_token_ids=stop_token_ids,
         progress=progress,
+        reference=reference,
+        sample=sample,
     )
 
 
@@ -490,10 +606,14 @@ def _replay(
     progress: Callable[[int, int], None] | None = None,
     extra_warnings: Sequence[str] = (),
     submission_check: SubmissionCheck | None = None,
+    reference: ReferenceReplies | None = None,
+    sample: tuple[int, int] | None = None,
 ) -> ReplayResult:
     mode = ReasoningSplit(reasoning_split)
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError("max_new_tokens, batch_size and limit must be at least 1")
+    if sample is not None and sample[0] < 1:
+        raise ValueError("the sample size must be at least 1")
     warnings: list[str] = list(extra_warnings)
     if enable_thinking is False and mode is ReasoningSplit.QWEN3:
         warnings.append(
@@ -507,7 +627,7 @@ def _replay(
 
     per_file: list[tuple[SamplesFile, list[_Prepared]]] = []
     for sf in samples_files:
-        samples = sf.samples[:limit] if limit is not None else sf.samples
+        samples = select_samples(sf, limit, sample)
         if not samples:
             raise SamplesError(f"{sf.source}: no samples to replay")
         for s in filter_mismatches(samples):
@@ -566,6 +686,7 @@ def _replay(
                     stop_ids=stop_ids,
                     mode=mode,
                     cap=max_new_tokens,
+                    reference=reference,
                 )
             )
             index += 1

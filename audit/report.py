@@ -520,8 +520,21 @@ def _listed(lines: list[str], items: Sequence[str], limit: int, indent: str = " 
 def terminal_summary(report: dict) -> str:
     """A short plain-text summary: the verdict first, then the key numbers (at most about 40 lines)."""
     v, s = report["verdict"], report["settings"]
-    lines = [f"VERDICT: {v['status'].upper()} (exit code {v['exit_code']})"]
+    sub_verdict = v.get("submission")
+    if sub_verdict is None:
+        lines = [f"VERDICT: {v['status'].upper()} (exit code {v['exit_code']})"]
+    else:
+        lines = [
+            f"VERDICT: port {v['status'].upper()}, submission {sub_verdict['status'].upper().replace('_', ' ')} "
+            f"(exit code {v['exit_code']}; failed: {', '.join(v['failed']) or 'none'})"
+        ]
     _listed(lines, v["reasons"], 4)
+    if sub_verdict is not None:
+        lines.append(
+            f"submission: {sub_verdict['reproduced_items']}/{sub_verdict['items']} items reproduced, "
+            f"{sub_verdict['unreproduced_final_answers']} final answer(s) not reproduced"
+        )
+        _listed(lines, sub_verdict["reasons"], 10)
     claim = textwrap.wrap(_plain(report["claim"]), 110, initial_indent="claim: ", subsequent_indent="  ")
     lines += claim[:3] + (["  ..."] if len(claim) > 3 else [])
     diffs = report["manifest"]["differences"]
@@ -594,8 +607,9 @@ def terminal_summary(report: dict) -> str:
         lines.append(f"replay ({replay['reasoning_split']}, cap {replay['max_new_tokens_cap']} new tokens):")
         for t in replay["tasks"][:6]:
             lines.append(
-                f"  {t['task']}: answers agree {pct(t['answer_agreement'])} of {t['items']}; "
-                f"EM logged {fmt(t['logged_em'])} replayed {fmt(t['replayed_em'])}; "
+                f"  {t['task']}: answers agree {pct(t['answer_agreement'])} of {t['items']}"
+                + (f", {t['reproduced']} reproduced; " if "reproduced" in t else "; ")
+                + f"EM logged {fmt(t['logged_em'])} replayed {fmt(t['replayed_em'])}; "
                 f"F1 logged {fmt(t['logged_f1'])} replayed {fmt(t['replayed_f1'])}"
                 + (f"; {t['quirk_items']} quirk" if t["quirk_items"] else "")
                 + (f"; {t['prompt_hash_mismatches']} hash mismatches" if t["prompt_hash_mismatches"] else "")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from audit import demo
 from audit.errors import AuditInputError
+from audit.journal import Journal
 from audit.manifest import checkpoint_digest, combined_sha256, host_info, library_versions
 from audit.prompts import (
     PromptSpec,
@@ -47,6 +48,8 @@ class Inputs:
         if args.prompts is not None:
             specs, source = read_prompts_file(args.prompts), str(args.prompts)
         elif samples is not None:
+            from audit.replay import select_samples
+
             specs = [
                 PromptSpec(
                     f"{s.task} doc {s.doc_id}",
@@ -54,7 +57,7 @@ class Inputs:
                     chat_template_kwargs=_thinking_kwargs(args),
                 )
                 for f in samples["files"]
-                for s in list(f)[: args.limit]
+                for s in select_samples(f, args.limit, _sample(args))
             ]
             source = samples["source"]
             if not specs:
@@ -101,6 +104,11 @@ class Inputs:
             max_new_tokens=max_new_tokens,
             stop_token_ids=tuple(manifest.get("stop_token_ids") or _stop_token_ids(checkpoint)),
         )
+
+
+def _sample(args) -> tuple[int, int] | None:
+    """``--sample N --sample-seed S`` as ``(N, S)``, or ``None``."""
+    return None if getattr(args, "sample", None) is None else (args.sample, args.sample_seed)
 
 
 def _thinking_kwargs(args) -> dict:
@@ -167,7 +175,7 @@ def _contract(
     }
 
 
-def _record_live(inputs: Inputs, args) -> ReferenceRun:
+def _record_live(inputs: Inputs, args, journal=None) -> ReferenceRun:
     try:
         from audit.reference import record_reference
     except ImportError as exc:
@@ -187,6 +195,7 @@ def _record_live(inputs: Inputs, args) -> ReferenceRun:
         stop_token_ids=inputs.stop_token_ids,
         manifest={**contract, "stop_token_ids": list(inputs.stop_token_ids)},
         progress=not args.no_progress,
+        journal=journal,
     )
 
 
@@ -212,14 +221,40 @@ def _is_orbax(path: Path) -> bool:
     return (path / MANIFEST).is_file() and not any(path.glob("*.safetensors"))
 
 
-def _load_jax_model(path: Path, dtype: str):
-    """An HF safetensors dir (loaded by ``qwen_jax.load_hf``) or an Orbax dir from ``python -m conversion``, whose
-    leaves are checked against the sha256 its manifest records."""
+def _load_jax_model(path: Path, dtype: str, mesh=None):
+    """An HF safetensors dir (streamed by ``qwen_jax.load_hf``) or an Orbax dir from ``python -m conversion``, whose
+    leaves are checked against the sha256 its manifest records; each leaf placed in its sharding on ``mesh``."""
     import qwen_jax
 
     if _is_orbax(path):
-        return qwen_jax.load(path, dtype=dtype, verify=True)
-    return qwen_jax.load_hf(path, dtype)
+        return qwen_jax.load(path, dtype=dtype, verify=True, mesh=mesh)
+    return qwen_jax.load_hf(path, dtype, mesh=mesh)
+
+
+def jax_mesh(text: str | None, weights: Path):
+    """The JAX side's mesh from ``--mesh``: ``none`` -> ``None`` (one device); ``ep=N``/``dp=D,ep=N`` parsed by
+    :func:`conversion.plan.parse_mesh`; by default every local device on ``ep`` when there is more than one and
+    their number divides the experts, else one device."""
+    import jax
+
+    from conversion import UsageError
+    from conversion.plan import parse_mesh
+    from qwen_jax.config import ModelConfig
+    from qwen_jax.sharding import make_mesh
+
+    if text == "none":
+        return None
+    cfg = ModelConfig.from_json(weights / "config.json")
+    devices = jax.local_devices()
+    if text is None:
+        if len(devices) < 2 or cfg.num_experts % len(devices):
+            return None
+        return make_mesh(ep=len(devices), devices=devices)
+    try:
+        axes = parse_mesh(text, cfg)
+        return make_mesh(ep=axes["ep"], dp=axes["dp"], devices=devices[: axes["ep"] * axes["dp"]])
+    except (UsageError, ValueError) as exc:
+        raise AuditInputError(f"--mesh {text}: {exc}" if str(text) not in str(exc) else str(exc)) from None
 
 
 def validate_hf_checkpoint(path: Path, dtype: str):
@@ -304,22 +339,39 @@ def preflight(inputs: Inputs, weights: Path, live: bool) -> None:
     )
 
 
-def _jax_manifest(weights: Path, inputs_like: dict) -> dict:
+def _jax_manifest(weights: Path, inputs_like: dict, mesh=None) -> dict:
     import os
 
     import jax
 
-    device = jax.devices()[0]
+    devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
+    device = devices[0]
     return {
         **inputs_like,
         "side": "jax",
         "framework": "jax",
         "versions": library_versions(("jax", "jaxlib", "flax", "numpy", "orbax-checkpoint", "tokenizers")),
-        "device": f"{device.platform}: {device.device_kind} x {jax.device_count()}",
+        "device": f"{device.platform}: {device.device_kind} x {len(devices)}",
+        "devices": [str(d) for d in devices],
+        "mesh": None if mesh is None else dict(mesh.shape),
         "host": host_info(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "weights": str(weights),
     }
+
+
+def _reference_replies(reference: ReferenceRun, jax_run):
+    """The reference's greedy ids per prompt, and whether the JAX side's divergence from them is a near-tie."""
+    from audit.replay import ReferenceReplies
+
+    generated, near_tie = {}, {}
+    for prompt, ref, divergence in zip(
+        reference.prompts, reference.sequences, jax_run.divergences, strict=True
+    ):
+        generated[tuple(prompt.ids)] = [int(t) for t in ref.generated]
+        if divergence is not None:
+            near_tie[tuple(prompt.ids)] = divergence.classification == "near-tie"
+    return ReferenceReplies(generated=generated, near_tie=near_tie)
 
 
 def _replay(inputs: Inputs, args, model, jax_run, reference: ReferenceRun) -> dict | None:
@@ -351,6 +403,8 @@ def _replay(inputs: Inputs, args, model, jax_run, reference: ReferenceRun) -> di
         max_new_tokens=inputs.max_new_tokens,
         stop_token_ids=inputs.stop_token_ids,
         limit=args.limit,
+        sample=_sample(args),
+        reference=_reference_replies(reference, jax_run),
     )
     if args.reasoning_split:
         kwargs["reasoning_split"] = args.reasoning_split
@@ -366,6 +420,10 @@ def _replay(inputs: Inputs, args, model, jax_run, reference: ReferenceRun) -> di
 
 
 def compare(args, version: str) -> int:
+    import contextlib
+
+    import jax
+
     from audit import jax_side
     from audit.compare import build_report
     from audit.records import load_bundle
@@ -379,38 +437,34 @@ def compare(args, version: str) -> int:
         reference = None
     weights = inputs.checkpoint if args.jax_checkpoint is None else args.jax_checkpoint
     preflight(inputs, weights, live=reference is None)
-    if reference is None:
-        reference = _record_live(inputs, args)
-    model = _load_jax_model(weights, inputs.dtype)
-    jax_run = jax_side.run_jax(
-        model,
-        reference,
-        max_new_tokens=inputs.max_new_tokens,
-        stop_token_ids=inputs.stop_token_ids,
-        progress=not args.no_progress,
-    )
     contract = _contract(
         weights, inputs.tokens, inputs.prompts, inputs.dtype, args.seed, inputs.max_new_tokens
     )
-    settings = {
-        "dtype": inputs.dtype,
-        "seed": args.seed,
-        "max_new_tokens": inputs.max_new_tokens,
-        "checkpoint": str(inputs.checkpoint),
-        "jax_checkpoint": None if args.jax_checkpoint is None else str(args.jax_checkpoint),
-        "prompts_source": inputs.prompts_source,
-        "reference_source": "live" if args.reference is None else "bundle",
-        "reasoning_split": args.reasoning_split,
-    }
+    settings = _settings(inputs, args)
+    journal = Journal.open(args.report, _journal_header(inputs, args, contract, settings, reference))
+    if reference is None:
+        reference = _record_live(inputs, args, journal)
+    mesh = jax_mesh(args.mesh, weights if weights.is_dir() else inputs.checkpoint)
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        model = _load_jax_model(weights, inputs.dtype, mesh)
+        jax_run = jax_side.run_jax(
+            model,
+            reference,
+            max_new_tokens=inputs.max_new_tokens,
+            stop_token_ids=inputs.stop_token_ids,
+            progress=not args.no_progress,
+            journal=journal,
+        )
+        replay = _replay(inputs, args, model, jax_run, reference)
     report = build_report(
         reference=reference,
         jax_run=jax_run,
         settings=settings,
-        jax_manifest=_jax_manifest(weights, contract),
+        jax_manifest=_jax_manifest(weights, contract, mesh),
         layer_types=model.cfg.layer_types,
         decode=lambda ids: inputs.tokens.tokenizer.decode([int(t) for t in ids]),
         tool_version=version,
-        replay=_replay(inputs, args, model, jax_run, reference),
+        replay=replay,
         warnings=inputs.tokens.warnings,
     )
     for difference in report["manifest"]["differences"]:
@@ -423,3 +477,27 @@ def compare(args, version: str) -> int:
     print(terminal_summary(report))
     print(f"report: {paths.html} and {paths.json}")
     return report["verdict"]["exit_code"]
+
+
+def _settings(inputs: Inputs, args) -> dict:
+    return {
+        "dtype": inputs.dtype,
+        "seed": args.seed,
+        "max_new_tokens": inputs.max_new_tokens,
+        "checkpoint": str(inputs.checkpoint),
+        "jax_checkpoint": None if args.jax_checkpoint is None else str(args.jax_checkpoint),
+        "prompts_source": inputs.prompts_source,
+        "reference_source": "live" if args.reference is None else "bundle",
+        "reasoning_split": args.reasoning_split,
+        "sample": None if _sample(args) is None else {"n": args.sample, "seed": args.sample_seed},
+    }
+
+
+def _journal_header(inputs: Inputs, args, contract: dict, settings: dict, reference) -> dict:
+    """What makes a rerun the same run: the JAX side's contract (checkpoint, tokenizer, template and prompt
+    digests, dtype, seed, budget), the reference's checkpoint digest (or the bundle's), and the settings."""
+    if reference is None:
+        digest = combined_sha256(checkpoint_digest(inputs.checkpoint))
+    else:
+        digest = reference.manifest.get("checkpoint_sha256")
+    return {"contract": contract, "reference_checkpoint_sha256": digest, "settings": settings}

@@ -266,3 +266,21 @@ def test_thinking_switch_renders_logged_samples(thinking, demo_dir):
     assert text.endswith(
         "<|im_start|>assistant\n<think>\n\n</think>\n\n" if thinking == "off" else "<think>\n"
     )
+
+
+def test_sample_selects_the_same_items_for_both_sides(demo_dir):
+    """--sample N --sample-seed S renders the subset that the replay replays (audit.replay.select_samples)."""
+    from audit.replay import load_samples_files, select_samples
+    from audit.run import Inputs
+
+    samples = sorted(FIXTURES.glob("samples_*_bench_*.jsonl"))[:2]
+    argv = ["compare", "--checkpoint", str(demo_dir), "--samples", *map(str, samples), "--sample", "2"]
+    args = cli.build_parser().parse_args([*argv, "--sample-seed", "5"])
+    names = [p.name for p in Inputs.from_args(args).prompts]
+    assert names == [
+        f"{sf.task} doc {s.doc_id}"
+        for sf in load_samples_files(samples)
+        for s in select_samples(sf, sample=(2, 5))
+    ]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([*argv, "--limit", "1"])  # --limit and --sample exclude each other

@@ -19,10 +19,14 @@ import tiny_tokenizer
 from mera_fixtures import AGRO, ALL, AQUA, DST_NAMES, MED
 
 from audit.replay import (
+    NOT_REPRODUCED_BY_REFERENCE,
+    PORT_DIVERGENCE,
+    ReferenceReplies,
     ReplayResult,
     load_samples_files,
     replay_samples,
     replay_submission,
+    select_samples,
 )
 from audit.samples import SamplesError, read_samples
 from audit.scoring import ReasoningSplit
@@ -275,6 +279,8 @@ def test_to_json_shape(default_run):
         "source": str(AGRO),
         "items": 7,
         "answer_agreement": 2 / 7,
+        # the fixture's resps[0][0] lack the "\n\n" the qwen3 split leaves after </think>: no reply reproduced
+        "reproduced": 0,
         "logged_em": 5 / 7,
         "logged_f1": 5 / 7,
         "replayed_em": 5 / 7,
@@ -301,9 +307,83 @@ def test_to_json_shape(default_run):
         "replayed_f1": 1.0,
         "quirk": "logged:empty_reply;replayed:empty_reply",
         "truncated_by_cap": True,
+        "logged_reply": "None",
+        "replayed_reply": "None",
+        "reproduced": True,
+        "reference_replayed": None,
+        "classification": None,
+        "first_divergence": None,
+        "near_tie": None,
     }
     assert isinstance(item["prompt_tokens"], int) and item["prompt_tokens"] > 0
     assert out["items"][-1]["gold"] is None and out["items"][-1]["logged_em"] is None
+
+
+def test_unreproduced_items_are_classified_against_the_reference(tok, files):
+    """With the reference's greedy ids, an item not reproduced is classified: the reference gives JAX's reply
+    (med 104: the log is not reproduced by the reference either), or JAX differs from the reference (med 101:
+    JAX answers C, the reference and the log B: a port divergence, at the token where the answers part)."""
+    from audit.compare import submission_verdict
+
+    jax_replies = {("med_bench", 101): THINK + "C"}
+    jax = FakeModel(tok, files[:1], jax_replies)
+    reference = FakeModel(tok, files[:1])
+    generated = {prompt: reference([list(prompt)], CAP)[0] for prompt in reference.by_prompt}
+    diverging = next(p for p, key in reference.by_prompt.items() if key == ("med_bench", 101))
+    refs = ReferenceReplies(generated=generated, near_tie={diverging: True})
+    result = replay_samples(
+        files[:1], tokenizer=tok, chat_template=TEMPLATE, generate=jax, max_new_tokens=CAP, reference=refs
+    )
+    by_meta = {i.meta_id: i for i in result.items}
+    assert by_meta[101].classification == PORT_DIVERGENCE and not by_meta[101].equal
+    assert by_meta[101].first_divergence == len(tok.encode(THINK)) and by_meta[101].near_tie is True
+    assert by_meta[101].reference_replayed == "B"
+    assert (
+        by_meta[104].classification == NOT_REPRODUCED_BY_REFERENCE and by_meta[104].first_divergence is None
+    )
+    assert [m for m, i in by_meta.items() if not i.equal] == [101, 104]
+    # the fixture's resps[0][0] lack the "\n\n" the qwen3 split leaves after </think>: only the null reply of
+    # 103 is reproduced as logged; the others differ in their reply, not in their final answer
+    assert [m for m, i in by_meta.items() if i.reproduced] == [103] and result.tasks[0].reproduced == 1
+    assert by_meta[102].classification == NOT_REPRODUCED_BY_REFERENCE and by_meta[102].equal
+    verdict = submission_verdict(result.to_json())
+    assert verdict["status"] == "not_reproduced" and verdict["unreproduced_final_answers"] == 2
+    assert verdict["reproduced_items"] == 1 and len(verdict["reasons"]) == 5
+    first = verdict["reasons"][0]
+    assert first.startswith("med_bench doc 0: logged 'B' vs replayed '\\n\\nC'; port divergence"), first
+    assert "a near-tie" in first and first.endswith("final answer differs")
+    assert verdict["reasons"][1].endswith(f"{NOT_REPRODUCED_BY_REFERENCE}; final answer agrees")
+    assert "med_bench doc 3: logged '<think>" in verdict["reasons"][2]
+    assert verdict["reasons"][2].endswith(f"{NOT_REPRODUCED_BY_REFERENCE}; final answer differs")
+    # the same replay without the edited JAX reply: only the final answer of 104 is not reproduced
+    faithful = replay_samples(
+        files[:1],
+        tokenizer=tok,
+        chat_template=TEMPLATE,
+        generate=reference,
+        max_new_tokens=CAP,
+        reference=refs,
+    )
+    assert [i.meta_id for i in faithful.items if not i.equal] == [104]
+
+
+def test_sample_is_a_reproducible_subset_per_task(tok, files):
+    """--sample N --sample-seed S: N samples per task, in file order, the same for the same seed; each task draws
+    its own subset (seeded with the task name), another seed another subset; N above the file's size keeps all."""
+    med, agro = files[0], files[1]
+    picked = {seed: [s.doc_id for s in select_samples(agro, sample=(3, seed))] for seed in (0, 1)}
+    assert all(len(ids) == 3 and ids == sorted(ids) for ids in picked.values()) and picked[0] != picked[1]
+    assert picked[0] == [s.doc_id for s in select_samples(agro, sample=(3, 0))]
+    assert [s.doc_id for s in select_samples(med, sample=(3, 0))] != picked[0]
+    assert (
+        select_samples(med, sample=(100, 0)) == med.samples
+        and select_samples(med, limit=2) == med.samples[:2]
+    )
+    result, model = run(tok, files[:2], sample=(3, 1))
+    assert [(i.task, i.doc_id) for i in result.items] == [
+        (sf.task, s.doc_id) for sf in files[:2] for s in select_samples(sf, sample=(3, 1))
+    ]
+    assert [t.items for t in result.tasks] == [3, 3] and sum(n for n, _ in model.calls) == 6
 
 
 def test_batches_share_a_budget_and_give_the_same_result(tok, files, default_run):
