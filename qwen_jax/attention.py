@@ -53,6 +53,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     return out.reshape(q.shape)
 
 
+def attention_probs(q: jax.Array, k: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """The causal attention probabilities of L queries over their own L keys, materialised: [B, Hq, L, L] in the
+    activation dtype, as HF's eager ``attn_weights`` (scores rounded as :func:`_scores`, softmax in fp32, rounded to
+    the activation dtype). Exact 0 where a key is not visible; a query that sees no key (left padding) gets all 0.
+
+    For reading, not for the forward: :func:`blockwise_attend` never holds the [L, L] matrix. q: [B, L, Hq, D];
+    k: [B, L, Hkv, D]; key_mask: [B, L], 1 for real tokens.
+    """
+    b, length, n_q, _ = q.shape
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    visible = (causal[None] & (key_mask > 0)[:, None, :])[:, None, None]  # [B, 1, 1, L, T]
+    scores = jnp.where(visible, _scores(_group_queries(q, k.shape[2]), k), MASKED)
+    probs = jnp.where(visible, jax.nn.softmax(scores, axis=-1), 0.0)
+    return probs.astype(q.dtype).reshape(b, n_q, length, length)
+
+
 class SoftmaxStats(NamedTuple):
     """Running softmax statistics per (batch, kv head, group, query), fp32 [B, Hkv, G, L]."""
 
@@ -155,6 +171,14 @@ class GatedAttention(nnx.Module):
         b, length = attn.shape[:2]
         gated = (attn.reshape(b, length, -1) * sigmoid(gate)).astype(attn.dtype)
         return dense(gated, self.o_proj[...])
+
+    def probabilities(self, x: jax.Array, context: TokenContext) -> jax.Array:
+        """The attention probabilities [B, Hq, L, L] of a forward over ``x`` [B, L, hidden] (see
+        :func:`attention_probs`); recomputed from ``x``, so only a caller that asks for them pays for them."""
+        if context.decoding:
+            raise ValueError("attention probabilities are captured by a forward, not by a decode step")
+        q, k, _, _ = self.project_qkv(x, context.cos, context.sin)
+        return attention_probs(q, k, context.attention_mask)
 
     def __call__(
         self, x: jax.Array, context: TokenContext, cache: KVCache | None = None

@@ -65,6 +65,13 @@ class GatedDeltaNet(nnx.Module):
             out, history, recurrent = self.mix(x, context.attention_mask)
         return out, None if state is None else DeltaNetState(history, recurrent)
 
+    def final_state(self, x: jax.Array, context: TokenContext) -> jax.Array:
+        """The delta-rule state [B, Hv, dk, dv] (fp32) after a forward over ``x`` [B, L, hidden], as a prefill leaves
+        it; recomputed from ``x``, so only a caller that asks for it pays for it."""
+        if context.decoding:
+            raise ValueError("the DeltaNet state is captured by a forward, not by a decode step")
+        return self.mix(x, context.attention_mask)[2]
+
     def mix(
         self,
         x: jax.Array,

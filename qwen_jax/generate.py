@@ -66,7 +66,7 @@ def _prefill(graphdef, params, input_ids, attention_mask, max_length, moe_backen
     model = nnx.merge(graphdef, params)
     cache = init_decode_state(model.cfg, input_ids.shape[0], max_length, model.dtype)
     positions = default_positions(attention_mask)
-    logits, _, _, cache = run_decoder(
+    logits, _, _, cache, _ = run_decoder(
         model, input_ids, attention_mask, positions, moe_backend, cache, last_only=True
     )
     return logits[:, -1], cache
@@ -77,7 +77,7 @@ def decode_step(
 ):
     """One token per row [B] -> (logits [B, vocab], the extended cache)."""
     positions = cache.next_position[:, None]
-    logits, _, _, cache = run_decoder(model, tokens[:, None], None, positions, moe_backend, cache)
+    logits, _, _, cache, _ = run_decoder(model, tokens[:, None], None, positions, moe_backend, cache)
     return logits[:, 0], cache
 
 

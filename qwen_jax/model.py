@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -20,7 +21,7 @@ from qwen_jax.attention import GatedAttention
 from qwen_jax.cache import DecodeState, LayerState, TokenContext
 from qwen_jax.config import ModelConfig
 from qwen_jax.deltanet import GatedDeltaNet
-from qwen_jax.moe import Routing, SparseMoe
+from qwen_jax.moe import Routing, SparseMoe, router_logits
 from qwen_jax.norms import RMSNorm
 from qwen_jax.ops import dense, tie_to
 from qwen_jax.rope import rope_cos_sin
@@ -34,6 +35,17 @@ def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
         return DTYPES[dtype]
     return jnp.dtype(dtype)
+
+
+#: The intermediates ``forward(..., capture=...)`` can return per layer; README "Intermediates" gives their shapes.
+CAPTURABLE = (
+    "attention_probs",
+    "deltanet_state",
+    "expert_outputs",
+    "hidden_states",
+    "router_logits",
+    "routing",
+)
 
 
 class DecoderLayer(nnx.Module):
@@ -52,15 +64,45 @@ class DecoderLayer(nnx.Module):
         return self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
 
     def __call__(
-        self, h: jax.Array, context: TokenContext, state: LayerState | None, moe_backend: str = "auto"
-    ) -> tuple[jax.Array, LayerState | None, Routing]:
-        """h [B, L, hidden] -> (h, the layer's new decode state or None without one, routing)."""
+        self,
+        h: jax.Array,
+        context: TokenContext,
+        state: LayerState | None,
+        moe_backend: str = "auto",
+        capture: tuple[str, ...] = (),
+    ) -> tuple[jax.Array, LayerState | None, Routing, dict[str, Any]]:
+        """h [B, L, hidden] -> (h, the layer's new decode state or None without one, routing, the intermediates
+        named in ``capture``: {} when none is)."""
         with jax.named_scope(self.layer_type):
-            x, state = self.token_mixer(self.input_layernorm(h), context, state)
+            mixer_in = self.input_layernorm(h)
+            x, state = self.token_mixer(mixer_in, context, state)
         h = (h + x).astype(h.dtype)
         with jax.named_scope("moe"):
-            x, routing = moe_in_chunks(self.mlp, self.post_attention_layernorm(h), moe_backend)
-        return (h + x).astype(h.dtype), state, routing
+            moe_in = self.post_attention_layernorm(h)
+            x, routing = moe_in_chunks(self.mlp, moe_in, moe_backend)
+        h = (h + x).astype(h.dtype)
+        captured = {}
+        if capture:
+            with jax.named_scope("capture"):
+                captured = self.intermediates(capture, mixer_in, moe_in, h, routing, context, moe_backend)
+        return h, state, routing, captured
+
+    def intermediates(self, names, mixer_in, moe_in, out, routing, context, moe_backend) -> dict[str, Any]:
+        """The intermediates in ``names`` (see :data:`CAPTURABLE`), from the token mixer's and the MoE's (normed)
+        inputs, the layer's output and its routing. Those the layer does not hold (its own values, not the
+        forward's) are recomputed from these inputs by the same functions, so the forward's program is untouched;
+        one of the other layer type's (attention probabilities of a DeltaNet layer) is None."""
+        flat = moe_in.reshape(-1, moe_in.shape[-1])
+        attention = self.layer_type == "full_attention"
+        make = {
+            "hidden_states": lambda: out,
+            "routing": lambda: routing,
+            "router_logits": lambda: router_logits(flat, self.mlp.router[...]),
+            "expert_outputs": lambda: self.mlp.expert_outputs(flat, routing.experts, moe_backend),
+            "attention_probs": lambda: self.self_attn.probabilities(mixer_in, context) if attention else None,
+            "deltanet_state": lambda: None if attention else self.linear_attn.final_state(mixer_in, context),
+        }
+        return {name: make[name]() for name in names}
 
 
 #: Tokens per MoE call. The MoE's activations grow with the tokens (a 32k-token prefill sorts 262k (token, slot) rows
@@ -104,6 +146,7 @@ class ForwardOutput(NamedTuple):
         tuple[jax.Array, ...] | None
     )  # as HF: embeddings, layers 0..n-2, final-normed output of n-1
     routing: tuple[Routing, ...] | None  # per layer, for the flattened [B*L] tokens
+    captured: dict[str, tuple] | None = None  # {name: one value per layer, None where the layer has none}
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -119,12 +162,14 @@ def run_decoder(
     moe_backend,
     cache: DecodeState | None = None,
     last_only=False,
+    capture: tuple[str, ...] = (),
 ):
     """The decoder on ``input_ids`` [B, L]: a plain forward (``cache`` None), a prefill that fills an empty
     :class:`~qwen_jax.cache.DecodeState` (L > 1), or one decode step (L == 1) that reads and extends it.
 
-    Returns (logits, hidden states, routing, new cache or None); with ``last_only`` the logits are those of the
-    last position only, [B, 1, vocab] (a prefill needs no more).
+    Returns (logits, hidden states, routing, new cache or None, {name: per-layer tuple} for the names in
+    ``capture``); with ``last_only`` the logits are those of the last position only, [B, 1, vocab] (a prefill needs
+    no more).
     """
     cfg = model.cfg
     length = input_ids.shape[1]
@@ -141,27 +186,43 @@ def run_decoder(
         key_mask = jax.lax.dynamic_update_slice(cache.key_mask, attention_mask.astype(jnp.int32), (0, start))
     context = TokenContext(cos, sin, attention_mask, key_mask, start, decoding)
     states = cache.layers if cache is not None else (None,) * len(model.layers)
-    hidden, routings, new_states = [h], [], []
+    hidden, routings, new_states, captured = [h], [], [], {name: [] for name in capture}
     for index, (layer, state) in enumerate(zip(model.layers, states, strict=True)):
         with jax.named_scope(f"layer_{index}"):
-            h, state, routing = layer(h, context, state, moe_backend)
+            h, state, routing, layer_captured = layer(h, context, state, moe_backend, capture)
         hidden.append(h)
         routings.append(routing)
         new_states.append(state)
+        for name, value in layer_captured.items():
+            captured[name].append(value)
     with jax.named_scope("head"):
         hidden[-1] = model.norm(h)  # as HF: the last hidden state is the final norm's output
         logits = dense(hidden[-1][:, -1:] if last_only else hidden[-1], model.lm_head[...])
     new_cache = None
     if cache is not None:
         new_cache = DecodeState(tuple(new_states), key_mask, start + length, positions[:, -1] + 1)
-    return logits, tuple(hidden), tuple(routings), new_cache
+    captured = {name: tuple(values) for name, values in captured.items()}
+    return logits, tuple(hidden), tuple(routings), new_cache, captured
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "moe_backend", "extras"))
-def _forward_jit(graphdef, state, input_ids, attention_mask, positions, moe_backend, extras):
+@functools.partial(jax.jit, static_argnames=("graphdef", "moe_backend", "extras", "capture"))
+def _forward_jit(graphdef, state, input_ids, attention_mask, positions, moe_backend, extras, capture=()):
     model = nnx.merge(graphdef, state)
-    logits, hidden, routing, _ = run_decoder(model, input_ids, attention_mask, positions, moe_backend)
-    return ForwardOutput(logits, hidden if extras else None, routing if extras else None)
+    logits, hidden, routing, _, captured = run_decoder(
+        model, input_ids, attention_mask, positions, moe_backend, capture=capture
+    )
+    return ForwardOutput(
+        logits, hidden if extras else None, routing if extras else None, captured if capture else None
+    )
+
+
+def capture_names(capture: str | Iterable[str]) -> tuple[str, ...]:
+    """``capture`` as the sorted tuple of distinct names (a static argument); an unknown name is an error."""
+    names = (capture,) if isinstance(capture, str) else tuple(capture)
+    unknown = sorted(set(names) - set(CAPTURABLE))
+    if unknown:
+        raise ValueError(f"cannot capture {unknown}: the capturable intermediates are {list(CAPTURABLE)}")
+    return tuple(sorted(set(names)))
 
 
 def forward(
@@ -172,13 +233,18 @@ def forward(
     position_ids: Any = None,
     return_hidden_states: bool = False,
     moe_backend: str = "auto",
+    capture: str | Iterable[str] = (),
 ) -> jax.Array | ForwardOutput:
     """Logits [B, L, vocab] for int ``input_ids`` [B, L].
 
     ``attention_mask`` [B, L] is 1 for real tokens and 0 for left padding. Positions default to
     :func:`default_positions`, so a left-padded row gives the same logits as the unpadded one.
     With ``return_hidden_states=True`` returns a :class:`ForwardOutput` with per-layer hidden states and routing.
+    With ``capture`` (names from :data:`CAPTURABLE`) returns a :class:`ForwardOutput` whose ``captured[name]`` holds
+    one value per layer (None for a layer of the other type); the logits are the same, bit for bit, and with no
+    names the program is the one compiled without ``capture``.
     """
+    capture = capture_names(capture)
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
@@ -192,12 +258,13 @@ def forward(
     )
     graphdef, state = nnx.split(model)
     out = _forward_jit(
-        graphdef, state, input_ids, attention_mask, positions, moe_backend, return_hidden_states
+        graphdef, state, input_ids, attention_mask, positions, moe_backend, return_hidden_states, capture
     )
-    return out if return_hidden_states else out.logits
+    return out if return_hidden_states or capture else out.logits
 
 
 __all__ = [
+    "CAPTURABLE",
     "ForwardOutput",
     "Qwen35MoeForCausalLM",
     "default_positions",

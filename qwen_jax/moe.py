@@ -35,9 +35,14 @@ class Routing(NamedTuple):
     probs: jax.Array  # [N, E] fp32 softmax over all experts
 
 
+def router_logits(x: jax.Array, router: jax.Array) -> jax.Array:
+    """The router's pre-softmax logits [N, E] in the activation dtype (HF's ``router_logits``)."""
+    return dense(x, router)
+
+
 def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
     """Router logits in the activation dtype, softmax in fp32, top-k, renormalise, round to the activation dtype."""
-    probs = jax.nn.softmax(dense(x, router).astype(F32), axis=-1)
+    probs = jax.nn.softmax(router_logits(x, router).astype(F32), axis=-1)
     top_probs, experts = jax.lax.top_k(probs, top_k)
     weights = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
     return Routing(weights.astype(x.dtype), experts.astype(jnp.int32), probs)
@@ -309,7 +314,12 @@ class SparseMoe(nnx.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         routing = route(x, self.router[...], self.top_k)
-        compute = expert_parallel_slot_outputs if expert_parallel_size() > 1 else slot_outputs
-        outputs = compute(x, routing.experts, self.gate_up[...], self.down[...], EXPERT_BACKENDS[backend])
+        outputs = self.expert_outputs(x, routing.experts, backend)
         out = (combine_slots(outputs, routing) + self.shared_expert(x)).astype(x.dtype)
         return out.reshape(shape), routing
+
+    def expert_outputs(self, x: jax.Array, experts: jax.Array, backend: str = "auto") -> jax.Array:
+        """Each (token, slot)'s routed expert output before the weighted combine: x [N, hidden], experts [N, k] ->
+        [N, k, hidden], on one device or split over the mesh's ``ep`` axis."""
+        compute = expert_parallel_slot_outputs if expert_parallel_size() > 1 else slot_outputs
+        return compute(x, experts, self.gate_up[...], self.down[...], EXPERT_BACKENDS[backend])
