@@ -70,6 +70,7 @@ def test_fp32_greedy_is_token_identical_to_hf_batched_left_padded(ckpt):
     np.testing.assert_array_equal(ours.tokens, hf_greedy(hf, ids, mask))
 
 
+@pytest.mark.slow  # a report more than a check (test budget); fp32 greedy parity is in the default run
 def test_bf16_greedy_reports_first_divergence(ckpt, capsys):
     hf, model = models(ckpt, "bfloat16")
     positions = []
