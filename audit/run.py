@@ -214,23 +214,6 @@ def record(args) -> int:
     return 0
 
 
-def _is_orbax(path: Path) -> bool:
-    """A directory written by ``python -m conversion convert`` (a manifest and no safetensors)."""
-    from qwen_jax.checkpoint import MANIFEST
-
-    return (path / MANIFEST).is_file() and not any(path.glob("*.safetensors"))
-
-
-def _load_jax_model(path: Path, dtype: str, mesh=None):
-    """An HF safetensors dir (streamed by ``qwen_jax.load_hf``) or an Orbax dir from ``python -m conversion``, whose
-    leaves are checked against the sha256 its manifest records; each leaf placed in its sharding on ``mesh``."""
-    import qwen_jax
-
-    if _is_orbax(path):
-        return qwen_jax.load(path, dtype=dtype, verify=True, mesh=mesh)
-    return qwen_jax.load_hf(path, dtype, mesh=mesh)
-
-
 def jax_mesh(text: str | None, weights: Path):
     """The JAX side's mesh from ``--mesh``: ``none`` -> ``None`` (one device); ``ep=N``/``dp=D,ep=N`` parsed by
     :func:`conversion.plan.parse_mesh`; by default every local device on ``ep`` when there is more than one and
@@ -310,7 +293,9 @@ def preflight(inputs: Inputs, weights: Path, live: bool) -> None:
         )
     if not weights.is_dir():
         raise AuditInputError(f"{weights}: JAX checkpoint directory not found")
-    orbax = _is_orbax(weights)
+    from qwen_jax.checkpoint import is_converted
+
+    orbax = is_converted(weights)
     if orbax:
         from qwen_jax.checkpoint import read_manifest
 
@@ -446,7 +431,9 @@ def compare(args, version: str) -> int:
         reference = _record_live(inputs, args, journal)
     mesh = jax_mesh(args.mesh, weights if weights.is_dir() else inputs.checkpoint)
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
-        model = _load_jax_model(weights, inputs.dtype, mesh)
+        from qwen_jax.checkpoint import load_model_dir
+
+        model = load_model_dir(weights, inputs.dtype, mesh)
         jax_run = jax_side.run_jax(
             model,
             reference,

@@ -26,7 +26,7 @@ from flax import nnx
 
 from qwen_jax.config import ModelConfig
 from qwen_jax.hf_layout import LeafPath
-from qwen_jax.loading import CheckpointError, abstract_model
+from qwen_jax.loading import CheckpointError, abstract_model, load_hf
 from qwen_jax.model import resolve_dtype
 
 FORMAT = "qwen-jax-orbax-per-leaf"
@@ -155,4 +155,29 @@ def load(
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-__all__ = ["FORMAT", "MANIFEST", "PARAMS_DIR", "leaf_bytes_sha256", "leaf_name", "load", "read_manifest"]
+def is_converted(path: str | Path) -> bool:
+    """A directory written by ``python -m conversion convert`` (a manifest and no safetensors)."""
+    path = Path(path)
+    return (path / MANIFEST).is_file() and not any(path.glob("*.safetensors"))
+
+
+def load_model_dir(path: str | Path, dtype: str, mesh: jax.sharding.Mesh | None = None):
+    """The model of a converted (Orbax) directory, its leaves checked against the manifest's sha256 (:func:`load`),
+    or of an HF safetensors directory, streamed (:func:`qwen_jax.load_hf`); each leaf placed in its sharding on
+    ``mesh``. What the audit's JAX side and the server load."""
+    if is_converted(path):
+        return load(path, mesh=mesh, dtype=dtype, verify=True)
+    return load_hf(path, dtype, mesh=mesh)
+
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "PARAMS_DIR",
+    "is_converted",
+    "leaf_bytes_sha256",
+    "leaf_name",
+    "load",
+    "load_model_dir",
+    "read_manifest",
+]

@@ -34,7 +34,6 @@ __all__ = [
     "Row",
     "batching",
     "finish",
-    "load_model",
 ]
 
 # ``generate(..., batch_invariant=True)`` (a reply independent of the other rows of its batch) comes with a later
@@ -50,21 +49,6 @@ def batching(max_batch_size: int, batch_invariant: bool) -> tuple[int, dict[str,
     if GENERATE_HAS_BATCH_INVARIANT_MODE:
         return max_batch_size, {"batch_invariant": True}
     return 1, {}
-
-
-def load_model(path: Path, dtype: str, mesh=None):
-    """An HF safetensors dir (``qwen_jax.load_hf``) or an Orbax dir from ``python -m conversion`` (``qwen_jax.load``),
-    placed on ``mesh`` when given."""
-    import qwen_jax
-
-    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
-        model = qwen_jax.load_hf(path, dtype)
-        if mesh is not None:
-            from qwen_jax.sharding import shard_model
-
-            model = shard_model(model, mesh)
-        return model
-    return qwen_jax.load(path, mesh=mesh, dtype=dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +140,9 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, checkpoint: Path, dtype: str, mesh=None, **kwargs) -> Engine:
         tokenizer = load_tokenizer(checkpoint)
-        return cls(load_model(checkpoint, dtype, mesh), tokenizer, mesh=mesh, **kwargs)
+        from qwen_jax.checkpoint import load_model_dir
+
+        return cls(load_model_dir(checkpoint, dtype, mesh), tokenizer, mesh=mesh, **kwargs)
 
     # ------------------------------------------------------------------------------------------------
     # Prompts.
