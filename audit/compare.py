@@ -168,13 +168,19 @@ def diverging_prompts(
     tol: Tolerances,
     terms: Sequence[metrics.PromptLayerTerms] | None = None,
 ) -> list[int]:
-    """The prompts where the two sides diverge: their greedy tokens differ, or one of their hidden states (alone)
-    exceeds its tolerance or holds NaN or inf."""
+    """The prompts where the two sides diverge: their greedy tokens differ, a hidden state of theirs holds NaN or
+    inf, or a hidden state that exceeds its tolerance over all prompts exceeds it on that prompt too (a prompt
+    alone over a tolerance calibrated on all of them is not a divergence in a run that agrees)."""
     terms = hidden_terms(reference, jax_run) if terms is None else terms
+    limits = np.asarray(tol.layers)
+    exceeding = np.array(
+        [not d.rel_diff <= limit for d, limit in zip(metrics.combine_layer_terms(terms), limits, strict=True)]
+    )
     out = []
     for i, (ref, ours, t) in enumerate(zip(reference.sequences, jax_run.sequences, terms, strict=True)):
         greedy_differs = metrics.first_divergence(ref.generated, ours.generated) is not None
-        if greedy_differs or not (t.rel_diff() <= np.asarray(tol.layers)).all():  # NaN exceeds
+        non_finite = any(nf is not None for nf in t.non_finite)
+        if greedy_differs or non_finite or (exceeding & ~(t.rel_diff() <= limits)).any():  # NaN exceeds
             out.append(i)
     return out
 

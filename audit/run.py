@@ -435,6 +435,7 @@ def compare(args, version: str) -> int:
 
     if args.reference is not None:
         reference = load_bundle(args.reference)
+        _hidden_states(args, reference)  # --hidden-states with a bundle: refused before any work
         inputs = Inputs.from_bundle(args, reference)
     else:
         inputs = Inputs.from_args(args)

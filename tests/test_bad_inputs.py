@@ -546,27 +546,9 @@ def _runs(jax_hidden_nan_at=None, jax_logits_nan_at=None, ref_hidden_nan_at=None
 
 
 def _report(reference, jax_run) -> dict:
-    from audit.compare import build_report
+    from audit_reports import synthetic_report
 
-    settings = {
-        "dtype": "float32",
-        "seed": 0,
-        "max_new_tokens": 2,
-        "checkpoint": "c",
-        "jax_checkpoint": None,
-        "prompts_source": "test",
-        "reference_source": "live",
-        "reasoning_split": None,
-    }
-    return build_report(
-        reference=reference,
-        jax_run=jax_run,
-        settings=settings,
-        jax_manifest={"dtype": "float32"},
-        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-        decode=lambda ids: " ".join(map(str, ids)),
-        tool_version="test",
-    )
+    return synthetic_report(reference, jax_run)
 
 
 def test_agreeing_runs_agree():
