@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import statistics
 import sys
@@ -202,7 +203,15 @@ def in_subprocess(target, *args) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
-    result = queue.get()
+    while True:  # the side's result, or its exit code if it died without one
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(
+                    f"{target.__name__} exited with code {proc.exitcode} before reporting"
+                ) from None
     proc.join()
     return result
 
