@@ -78,7 +78,7 @@ def _prefill(graphdef, params, input_ids, attention_mask, max_length, moe_backen
     positions = default_positions(attention_mask)
     with batch_invariant_mode(batch_invariant):
         logits, _, _, cache, _ = run_decoder(
-            model, input_ids, attention_mask, positions, moe_backend, cache, last_only=True
+            model, input_ids, attention_mask, positions, moe_backend, cache, last_only=True, prefill=True
         )
     return logits[:, -1], cache
 
