@@ -184,8 +184,9 @@ def generate(
     new tokens); by default the padded prompt plus ``max_new_tokens``, rounded up to 256. The decode loop compiles
     once per (batch, max_length).
 
-    With ``batch_invariant=True`` prompts are right-padded (an array must be already) and every row's tokens and
-    logits are bit for bit those it gets alone, whatever the batch and the bucket (:mod:`qwen_jax.invariance`).
+    With ``batch_invariant=True`` prompts are right-padded (an array must be already) and, in bf16, every row's
+    tokens and logits are bit for bit those it gets alone, whatever the batch and the bucket
+    (:mod:`qwen_jax.invariance`; in fp32 the decode steps still move in the last bits with the batch size).
     """
     if isinstance(input_ids, list | tuple) and input_ids and not np.isscalar(input_ids[0]):
         input_ids, attention_mask = pad_prompts(

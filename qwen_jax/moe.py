@@ -236,10 +236,14 @@ def auto_expert_ffn(x_sorted, group_sizes, gate_up, down):
     return ragged_expert_ffn(x_sorted, group_sizes, gate_up, down)
 
 
+#: Rows per expert block in the batch-invariant mode.
+INVARIANT_EXPERT_BLOCK = ROW_TILE
+
+
 def invariant_expert_ffn(x_sorted, group_sizes, gate_up, down):
-    """The batch-invariant mode's experts: always blocks of :data:`~qwen_jax.invariance.ROW_TILE` rows, so a row is
+    """The batch-invariant mode's experts: always blocks of :data:`INVARIANT_EXPERT_BLOCK` rows, so a row is
     computed by the same fixed-shape matmuls whatever the number of rows."""
-    return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, ROW_TILE)
+    return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, INVARIANT_EXPERT_BLOCK)
 
 
 def expert_backend(name: str) -> Callable:
