@@ -16,7 +16,7 @@ from flax import nnx
 from qwen_jax.cache import DeltaNetState, TokenContext
 from qwen_jax.config import ModelConfig
 from qwen_jax.delta_rule import chunked_delta_rule, delta_rule_step
-from qwen_jax.invariance import batch_invariant, map_row_tiles, map_rows
+from qwen_jax.invariance import batch_invariant, fence, map_row_tiles, map_rows
 from qwen_jax.norms import gated_rms_norm
 from qwen_jax.ops import F32, dense, sigmoid, silu, split_columns, torch_softplus
 
@@ -31,7 +31,8 @@ def causal_conv(x: jax.Array, weight: jax.Array, history: jax.Array) -> tuple[ja
     kernel = weight.shape[0]
     padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)
     length = x.shape[1]
-    acc = sum(padded[:, j : j + length].astype(F32) * weight[j].astype(F32) for j in range(kernel))
+    products = fence(*(padded[:, j : j + length].astype(F32) * weight[j].astype(F32) for j in range(kernel)))
+    acc = sum(products)  # (fenced in the batch-invariant mode: no fused multiply-adds in some programs only)
     return silu(acc.astype(x.dtype)), padded[:, padded.shape[1] - (kernel - 1) :]
 
 

@@ -78,7 +78,7 @@ def _prefill(graphdef, params, input_ids, attention_mask, max_length, moe_backen
     positions = default_positions(attention_mask)
     with batch_invariant_mode(batch_invariant):
         logits, _, _, cache, _ = run_decoder(
-            model, input_ids, attention_mask, positions, moe_backend, cache, last_only=True
+            model, input_ids, attention_mask, positions, moe_backend, cache, last_only=True, prefill=True
         )
     return logits[:, -1], cache
 
@@ -184,8 +184,9 @@ def generate(
     new tokens); by default the padded prompt plus ``max_new_tokens``, rounded up to 256. The decode loop compiles
     once per (batch, max_length).
 
-    With ``batch_invariant=True`` prompts are right-padded (an array must be already) and every row's tokens and
-    logits are bit for bit those it gets alone, whatever the batch and the bucket (:mod:`qwen_jax.invariance`).
+    With ``batch_invariant=True`` prompts are right-padded (an array must be already) and, in bf16, every row's
+    tokens and logits are bit for bit those it gets alone, whatever the batch and the bucket
+    (:mod:`qwen_jax.invariance`; in fp32 the decode steps still move in the last bits with the batch size).
     """
     if isinstance(input_ids, list | tuple) and input_ids and not np.isscalar(input_ids[0]):
         input_ids, attention_mask = pad_prompts(

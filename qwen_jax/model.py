@@ -173,9 +173,11 @@ def run_decoder(
     cache: DecodeState | None = None,
     last_only=False,
     capture: tuple[str, ...] = (),
+    prefill=False,
 ):
     """The decoder on ``input_ids`` [B, L]: a plain forward (``cache`` None), a prefill that fills an empty
-    :class:`~qwen_jax.cache.DecodeState` (L > 1), or one decode step (L == 1) that reads and extends it.
+    :class:`~qwen_jax.cache.DecodeState` (L > 1, or ``prefill``), or one decode step (L == 1) that reads and
+    extends it. A one-token prompt's prefill (``prefill=True``) runs as a prefill, as HF's first call does.
 
     Returns (logits, hidden states, routing, new cache or None, {name: per-layer tuple} for the names in
     ``capture``); with ``last_only`` the logits are those of the last position only, [B, 1, vocab] (a prefill needs
@@ -183,7 +185,7 @@ def run_decoder(
     """
     cfg = model.cfg
     length = input_ids.shape[1]
-    decoding = cache is not None and length == 1
+    decoding = cache is not None and length == 1 and not prefill
     if attention_mask is None:  # a decode step's token is real
         attention_mask = jnp.ones_like(input_ids)
     with jax.named_scope("embed"):

@@ -126,21 +126,27 @@ def blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block: int = 32):
     starts = jnp.cumsum(group_sizes) - group_sizes
 
     def one_expert(expert, out):
-        expert_gate_up, expert_down = tie_to(expert, gate_up, down)
-        expert_gate_up, expert_down = expert_gate_up[expert], expert_down[expert]
         size, start = group_sizes[expert], starts[expert]
 
-        def one_block(i, out):
-            first = jnp.minimum(start + i * block, n_rows - block)
-            (rows,) = tie_to(first, x_sorted)
-            rows = jax.lax.dynamic_slice_in_dim(rows, first, block)
-            y = _expert_block(rows, expert_gate_up, expert_down)
-            row = first + jnp.arange(block)
-            mine = ((row >= start + i * block) & (row < start + size))[:, None]
-            y = jnp.where(mine, y, jax.lax.dynamic_slice_in_dim(out, first, block))
-            return jax.lax.dynamic_update_slice_in_dim(out, y, first, 0)
+        def its_blocks(out):
+            expert_gate_up, expert_down = tie_to(expert, gate_up, down)
+            expert_gate_up, expert_down = expert_gate_up[expert], expert_down[expert]
 
-        return jax.lax.fori_loop(0, -(-size // block), one_block, out)
+            def one_block(i, out):
+                first = jnp.minimum(start + i * block, n_rows - block)
+                (rows,) = tie_to(first, x_sorted)
+                rows = jax.lax.dynamic_slice_in_dim(rows, first, block)
+                y = _expert_block(rows, expert_gate_up, expert_down)
+                row = first + jnp.arange(block)
+                mine = ((row >= start + i * block) & (row < start + size))[:, None]
+                y = jnp.where(mine, y, jax.lax.dynamic_slice_in_dim(out, first, block))
+                return jax.lax.dynamic_update_slice_in_dim(out, y, first, 0)
+
+            return jax.lax.fori_loop(0, -(-size // block), one_block, out)
+
+        # An expert without rows is skipped, its weights not even sliced (a copy on XLA:CPU): a decode step's few
+        # rows touch a few experts.
+        return jax.lax.cond(size > 0, its_blocks, lambda out: out, out)
 
     # The output starts as a copy of the rows, not of zeros: XLA:CPU makes a loop's copy of a constant at the start
     # of the program, every layer's at once. Every row in a group is overwritten; the others are not outputs.
@@ -230,10 +236,14 @@ def auto_expert_ffn(x_sorted, group_sizes, gate_up, down):
     return ragged_expert_ffn(x_sorted, group_sizes, gate_up, down)
 
 
+#: Rows per expert block in the batch-invariant mode.
+INVARIANT_EXPERT_BLOCK = ROW_TILE
+
+
 def invariant_expert_ffn(x_sorted, group_sizes, gate_up, down):
-    """The batch-invariant mode's experts: always blocks of :data:`~qwen_jax.invariance.ROW_TILE` rows, so a row is
+    """The batch-invariant mode's experts: always blocks of :data:`INVARIANT_EXPERT_BLOCK` rows, so a row is
     computed by the same fixed-shape matmuls whatever the number of rows."""
-    return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, ROW_TILE)
+    return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, INVARIANT_EXPERT_BLOCK)
 
 
 def expert_backend(name: str) -> Callable:
