@@ -1,5 +1,6 @@
 """The determinism self-checks both sides run: the same computation twice (must be bitwise equal), and batch 1
-against the whole batch (reported; left padding is not expected to be bitwise)."""
+against a batch: reported for the reference (left padding is not expected to be bitwise), bitwise for the JAX side
+(its batch-invariant mode)."""
 
 from __future__ import annotations
 
@@ -43,4 +44,17 @@ def batch_check(side: str, batch: Sequence[np.ndarray], single: Sequence[np.ndar
         "passed": same == len(batch),
         "max_abs": None,
         "detail": f"{same}/{len(batch)} prompts identical (left padding; not expected to be bitwise)",
+    }
+
+
+def batch_invariance_check(side: str, batch: Sequence[np.ndarray], single: Sequence[np.ndarray]) -> dict:
+    """The first prompts generated together in one batch, against their tokens from the run (batch-invariant mode:
+    must be bitwise equal, whatever batch size the run used)."""
+    same = sum(np.array_equal(a, b) for a, b in zip(batch, single, strict=True))
+    return {
+        "name": f"{side} batch invariance: the first {len(batch)} prompts in one batch",
+        "kind": "bitwise",
+        "passed": same == len(batch),
+        "max_abs": None,
+        "detail": f"{same}/{len(batch)} prompts' greedy tokens identical to the run's",
     }
