@@ -7,6 +7,7 @@ and partial RoPE; the attention output is multiplied by ``sigmoid(gate)`` before
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -15,6 +16,7 @@ from flax import nnx
 
 from qwen_jax.cache import KVCache, TokenContext
 from qwen_jax.config import ModelConfig
+from qwen_jax.invariance import batch_invariant, isolated, opaque_map
 from qwen_jax.norms import rms_norm
 from qwen_jax.ops import F32, dense, sigmoid, split_columns, tie_to
 from qwen_jax.rope import apply_rope
@@ -98,21 +100,52 @@ def block_probs(stats: SoftmaxStats, scores: jax.Array, visible: jax.Array) -> j
     return _visible_exp(scores, stats.max, visible) / total[..., None]
 
 
+def two_pass_attend(grouped_q: jax.Array, n_blocks, block: Callable) -> jax.Array:
+    """Attention of ``grouped_q`` [B, L, Hkv, G, D] over key blocks ``block(i)`` -> (keys [B, KEY_BLOCK, Hkv, D],
+    values, visibility [B, 1, 1, L, KEY_BLOCK]) for i < ``n_blocks`` (static or traced).
+
+    Two passes keep HF's rounding points: the first finds each query's max score and its sum of exponentials
+    (fp32); the second rounds ``exp(score - max) / sum`` to the value dtype and accumulates probabilities @ values
+    in fp32 across blocks. A block a query does not see leaves its statistics and its accumulator bit for bit as
+    they were; a query that sees no key gets zeros. Returns fp32 [B, L, Hkv, G, D].
+    """
+
+    def first_pass(i, stats):
+        block_k, _, visible = block(i)
+        return update_stats(stats, _scores(grouped_q, block_k), visible)
+
+    b, length, n_kv, group, _ = grouped_q.shape
+    shape = (b, n_kv, group, length)
+    empty = SoftmaxStats(
+        *tie_to(grouped_q, jnp.full(shape, MASKED, F32), jnp.zeros(shape, F32))
+    )  # see tie_to
+    stats = jax.lax.fori_loop(0, n_blocks, first_pass, empty)
+
+    def second_pass(i, acc):
+        block_k, block_v, visible = block(i)
+        probs = block_probs(stats, _scores(grouped_q, block_k), visible)
+        seen = jnp.any(visible, axis=-1)[..., None]  # [B, 1, 1, L, 1] -> as acc's [B, L, 1, 1, 1]
+        return jnp.where(jnp.moveaxis(seen, 3, 1), acc + _probs_times_values(probs, block_v), acc)
+
+    (acc,) = tie_to(grouped_q, jnp.zeros(grouped_q.shape, F32))
+    return jax.lax.fori_loop(0, n_blocks, second_pass, acc)
+
+
+def _pad_keys(k: jax.Array, v: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, ...]:
+    """Keys, values and the key mask (as bool) padded with masked keys to whole :data:`KEY_BLOCK` blocks."""
+    pad = -k.shape[1] % KEY_BLOCK
+    k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
+    return k, v, jnp.pad(key_mask > 0, ((0, 0), (0, pad)))
+
+
 def blockwise_attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
     """Causal attention of L queries over their own L keys, in blocks of :data:`KEY_BLOCK` keys: memory linear in L.
 
     q: [B, L, Hq, D]; k, v: [B, L, Hkv, D]; key_mask: [B, L], 1 for real tokens. Query l sees key t when t <= l
-    and t is real. Two passes over the key blocks keep HF's rounding points: the first finds each query's max
-    score and its sum of exponentials (fp32); the second rounds ``exp(score - max) / sum`` to the value dtype and
-    accumulates probabilities @ values in fp32 across blocks, rounded once at the end. A query that sees no key
-    (left padding) gets zeros. Returns [B, L, Hq, D].
+    and t is real (see :func:`two_pass_attend`); the output is rounded once at the end. Returns [B, L, Hq, D].
     """
-    b, length, n_kv, _ = k.shape
-    n_blocks = -(-length // KEY_BLOCK)
-    pad = n_blocks * KEY_BLOCK - length
-    grouped = _group_queries(q, n_kv)
-    key_mask = jnp.pad(key_mask > 0, ((0, 0), (0, pad)))
-    k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
+    length, n_kv = k.shape[1], k.shape[2]
+    k, v, key_mask = _pad_keys(k, v, key_mask)
     queries = jnp.arange(length)
 
     def block(i):
@@ -125,23 +158,60 @@ def blockwise_attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
         visible = (keys[None, :] <= queries[:, None])[None] & real[:, None, :]
         return block_k, block_v, visible[:, None, None]
 
-    def first_pass(i, stats):
-        block_k, _, visible = block(i)
-        return update_stats(stats, _scores(grouped, block_k), visible)
-
-    shape = (b, n_kv, grouped.shape[3], length)
-    empty = SoftmaxStats(*tie_to(q, jnp.full(shape, MASKED, F32), jnp.zeros(shape, F32)))  # see tie_to
-    stats = jax.lax.fori_loop(0, n_blocks, first_pass, empty)
-
-    def second_pass(i, acc):
-        block_k, block_v, visible = block(i)
-        probs = block_probs(stats, _scores(grouped, block_k), visible)
-        seen = jnp.any(visible, axis=-1)[..., None]  # [B, 1, 1, L, 1] -> as acc's [B, L, 1, 1, 1]
-        return jnp.where(jnp.moveaxis(seen, 3, 1), acc + _probs_times_values(probs, block_v), acc)
-
-    (acc,) = tie_to(q, jnp.zeros(grouped.shape, F32))
-    acc = jax.lax.fori_loop(0, n_blocks, second_pass, acc)
+    acc = two_pass_attend(_group_queries(q, n_kv), k.shape[1] // KEY_BLOCK, block)
     return acc.astype(v.dtype).reshape(q.shape)
+
+
+#: Queries per block of :func:`invariant_attend` in a forward or prefill (a decode step's block is its one query).
+QUERY_BLOCK = 64
+
+
+def invariant_attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_slots: jax.Array, query_block: int
+) -> jax.Array:
+    """Causal attention computed the same way for a row whatever the batch, its padding or the cache length.
+
+    q: [B, L, Hq, D] at key slots ``query_slots`` [B, L] (right padding: a token's slot is its position);
+    k, v: [B, T, Hkv, D]; key_mask: [B, T], 1 for real keys. A query sees the real keys at slots <= its own. One row
+    at a time, ``query_block`` queries at a time (L is padded to whole blocks), over the key blocks up to the
+    block's last query (:func:`two_pass_attend`): every sum runs on a fixed shape, and the key blocks past a query,
+    the padded ones and the unwritten cache, are not computed. Returns [B, L, Hq, D].
+    """
+    b, length, n_q, d = q.shape
+    n_kv = k.shape[2]
+    k, v, key_mask = _pad_keys(k, v, key_mask)
+    pad = -length % query_block
+    grouped = jnp.pad(_group_queries(q, n_kv), ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    slots = jnp.pad(query_slots, ((0, 0), (0, pad)), constant_values=-1)  # padded queries see nothing
+
+    def one_row(row):
+        row_q, row_slots, row_k, row_v, row_mask = row
+        q_blocks = row_q.reshape(-1, query_block, *row_q.shape[1:])
+        slot_blocks = row_slots.reshape(-1, query_block)
+
+        def one_query_block(operands):
+            block_q, block_slots = operands
+
+            def block(i):
+                start = i * KEY_BLOCK
+                keys, values, real = (
+                    jax.lax.dynamic_slice_in_dim(x, start, KEY_BLOCK, 0) for x in (row_k, row_v, row_mask)
+                )
+                visible = (start + jnp.arange(KEY_BLOCK) <= block_slots[:, None]) & real[None, :]
+                # A barrier: when the keys are one block, XLA drops the (whole-array) slice and fuses the scores
+                # with their producers, which rounds differently (measured); materialised, they are the same.
+                return jax.lax.optimization_barrier((keys[None], values[None], visible[None, None, None]))
+
+            n_blocks = jnp.max(block_slots) // KEY_BLOCK + 1
+            return two_pass_attend(block_q[None], n_blocks, block)[0]
+
+        return opaque_map(one_query_block, (q_blocks, slot_blocks))
+
+    out = opaque_map(
+        lambda row: isolated(one_row, row), (grouped, slots, k, v, key_mask)
+    )  # [B, n, QB, Hkv, G, D]
+    out = out.reshape(b, -1, n_q, d)[:, :length]
+    return out.astype(v.dtype)
 
 
 class GatedAttention(nnx.Module):
@@ -186,15 +256,33 @@ class GatedAttention(nnx.Module):
         """x [B, L, hidden] -> (out [B, L, hidden], the cache with this call's keys and values written, or None).
 
         A forward or prefill attends blockwise to the call's own keys; a decode step attends to the whole cache.
+        In the batch-invariant mode both go through :func:`invariant_attend`, and padded keys are zeroed.
         """
         q, k, v, gate = self.project_qkv(x, context.cos, context.sin)
+        invariant = batch_invariant()
+        if invariant and not context.decoding:
+            real = context.attention_mask[:, :, None, None] > 0
+            k, v = jnp.where(real, k, 0).astype(k.dtype), jnp.where(real, v, 0).astype(v.dtype)
         if cache is not None:
-            at = (0, context.cache_start, 0, 0)
-            cache = KVCache(
-                *(jax.lax.dynamic_update_slice(c, n, at) for c, n in zip(cache, (k, v), strict=True))
-            )
-        if context.decoding:
+            cache = write_cache(cache, k, v, context.cache_start)
+        if invariant and context.decoding:
+            attn = invariant_attend(q, *cache, context.key_mask, context.cache_start[:, None], 1)
+        elif invariant:
+            length = x.shape[1]
+            slots = jnp.where(context.attention_mask > 0, jnp.arange(length), -1)  # padded queries: none
+            attn = invariant_attend(q, k, v, context.attention_mask, slots, QUERY_BLOCK)
+        elif context.decoding:
             attn = attend(q, cache.keys, cache.values, context.key_mask[:, None, :] > 0)
         else:
             attn = blockwise_attend(q, k, v, context.attention_mask)
         return self.output(attn, gate), cache
+
+
+def write_cache(cache: KVCache, k: jax.Array, v: jax.Array, start: jax.Array | int) -> KVCache:
+    """``cache`` with k, v [B, L, Hkv, D] written at slot ``start``: one slot for all rows, or, for a decode step
+    (L == 1), ``start`` [B] per row (the batch-invariant mode: right-padded rows are at their own lengths)."""
+    if jnp.ndim(start) == 1:
+        rows = jnp.arange(k.shape[0])
+        return KVCache(*(c.at[rows, start].set(n[:, 0]) for c, n in zip(cache, (k, v), strict=True)))
+    at = (0, start, 0, 0)
+    return KVCache(*(jax.lax.dynamic_update_slice(c, n, at) for c, n in zip(cache, (k, v), strict=True)))

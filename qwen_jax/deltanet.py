@@ -16,6 +16,7 @@ from flax import nnx
 from qwen_jax.cache import DeltaNetState, TokenContext
 from qwen_jax.config import ModelConfig
 from qwen_jax.delta_rule import chunked_delta_rule, delta_rule_step
+from qwen_jax.invariance import batch_invariant, map_row_tiles, map_rows
 from qwen_jax.norms import gated_rms_norm
 from qwen_jax.ops import F32, dense, sigmoid, silu, split_columns, torch_softplus
 
@@ -34,7 +35,26 @@ def causal_conv(x: jax.Array, weight: jax.Array, history: jax.Array) -> tuple[ja
     return silu(acc.astype(x.dtype)), padded[:, padded.shape[1] - (kernel - 1) :]
 
 
+def history_at_lengths(x: jax.Array, history: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Each row's conv history after its first ``lengths[b]`` inputs of ``x`` [B, L, C] (right padding): the last
+    K-1 of ``history`` [B, K-1, C] followed by those inputs."""
+    padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)
+    window = history.shape[1]
+    return jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, window, 0))(padded, lengths)
+
+
+def zero_padded(arrays: tuple[jax.Array, ...], pad_mask: jax.Array) -> tuple[jax.Array, ...]:
+    """The delta rule's inputs [B, L, ...] with exact zeros at padded positions: q = k = v = beta = 0 and a log
+    decay g = 0 leave the state bit for bit as it was, as the chunked form's own padding does."""
+    real = pad_mask > 0
+    return tuple(
+        jnp.where(real.reshape(*real.shape, *(1,) * (a.ndim - 2)), a, 0).astype(a.dtype) for a in arrays
+    )
+
+
 def l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    if batch_invariant():
+        return map_row_tiles(lambda rows: l2_normalise(rows, eps), x)
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
@@ -107,8 +127,17 @@ class GatedDeltaNet(nnx.Module):
         q = q / math.sqrt(dk) if step else q * dk**-0.5
         q = jnp.repeat(q, hv // hk, axis=2)
         k = jnp.repeat(l2_normalise(k.astype(F32)), hv // hk, axis=2)
+        v, beta = v.astype(F32), beta.astype(F32)
+        if (
+            pad_mask is not None and batch_invariant()
+        ):  # right padding: padded tokens leave the state as it was
+            q, k, v, g, beta = zero_padded((q, k, v, g, beta), pad_mask)
+            new_history = history_at_lengths(qkv, conv_history, jnp.sum(pad_mask > 0, axis=1))
         delta_rule = delta_rule_step if step else chunked_delta_rule
-        out, state = delta_rule(q, k, v.astype(F32), g, beta.astype(F32), state)
+        if batch_invariant():
+            out, state = map_rows(delta_rule, q, k, v, g, beta, *(() if state is None else (state,)))
+        else:
+            out, state = delta_rule(q, k, v, g, beta, state)
 
         z = z.reshape(b, length, hv, dv)
         normed = gated_rms_norm(out.astype(x.dtype), z, self.norm[...], cfg.rms_norm_eps)

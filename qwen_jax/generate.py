@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from qwen_jax.cache import DecodeState, init_decode_state
+from qwen_jax.invariance import batch_invariant_mode, check_right_padded
 from qwen_jax.limits import check_generation
 from qwen_jax.model import Qwen35MoeForCausalLM, default_positions, run_decoder
 from qwen_jax.ops import greedy_tokens
@@ -47,28 +48,38 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def left_pad(
-    prompts: Sequence[Sequence[int]], multiple: int = 1, pad_id: int = 0
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], multiple: int = 1, pad_id: int = 0, *, right: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads token lists to a common length (rounded up to ``multiple``): (input_ids, attention_mask)."""
+    """Pads token lists to a common length (rounded up to ``multiple``) on the left, or with ``right`` on the
+    right: (input_ids, attention_mask)."""
     width = _round_up(max(len(p) for p in prompts), multiple)
     ids = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for row, prompt in enumerate(prompts):
         if len(prompt):
-            ids[row, width - len(prompt) :] = prompt
-            mask[row, width - len(prompt) :] = 1
+            where = slice(0, len(prompt)) if right else slice(width - len(prompt), width)
+            ids[row, where] = prompt
+            mask[row, where] = 1
     return ids, mask
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_length", "moe_backend"))
-def _prefill(graphdef, params, input_ids, attention_mask, max_length, moe_backend):
+def left_pad(
+    prompts: Sequence[Sequence[int]], multiple: int = 1, pad_id: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists to a common length (rounded up to ``multiple``): (input_ids, attention_mask)."""
+    return pad_prompts(prompts, multiple, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_length", "moe_backend", "batch_invariant"))
+def _prefill(graphdef, params, input_ids, attention_mask, max_length, moe_backend, batch_invariant=False):
     model = nnx.merge(graphdef, params)
     cache = init_decode_state(model.cfg, input_ids.shape[0], max_length, model.dtype)
     positions = default_positions(attention_mask)
-    logits, _, _, cache, _ = run_decoder(
-        model, input_ids, attention_mask, positions, moe_backend, cache, last_only=True
-    )
+    with batch_invariant_mode(batch_invariant):
+        logits, _, _, cache, _ = run_decoder(
+            model, input_ids, attention_mask, positions, moe_backend, cache, last_only=True
+        )
     return logits[:, -1], cache
 
 
@@ -93,9 +104,29 @@ class DecodeCarry(NamedTuple):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "moe_backend", "keep_logits"), donate_argnames=("cache",)
+    jax.jit,
+    static_argnames=("graphdef", "moe_backend", "keep_logits", "batch_invariant"),
+    donate_argnames=("cache",),
 )
 def _decode_loop(
+    graphdef,
+    params,
+    first_logits,
+    cache,
+    max_new_tokens,
+    stop_ids,
+    pad_id,
+    moe_backend,
+    keep_logits,
+    batch_invariant=False,
+):
+    with batch_invariant_mode(batch_invariant):
+        return _decode_loop_body(
+            graphdef, params, first_logits, cache, max_new_tokens, stop_ids, pad_id, moe_backend, keep_logits
+        )
+
+
+def _decode_loop_body(
     graphdef, params, first_logits, cache, max_new_tokens, stop_ids, pad_id, moe_backend, keep_logits
 ):
     model = nnx.merge(graphdef, params)
@@ -143,27 +174,36 @@ def generate(
     pad_token_id: int = 0,
     return_logits: bool = False,
     moe_backend: str = "auto",
+    batch_invariant: bool = False,
 ) -> Generation:
-    """Greedy decoding of a left-padded batch.
+    """Greedy decoding of a left-padded batch (right-padded with ``batch_invariant``).
 
     ``input_ids`` [B, L] int, or a list of token lists (left-padded here); ``attention_mask`` 1 for real tokens.
     Each row stops at any of ``stop_token_ids`` (default: :func:`default_stop_token_ids`; pass ``()`` to never
     stop early). ``max_length`` is the cache length (prompt plus
     new tokens); by default the padded prompt plus ``max_new_tokens``, rounded up to 256. The decode loop compiles
     once per (batch, max_length).
+
+    With ``batch_invariant=True`` prompts are right-padded (an array must be already) and every row's tokens and
+    logits are bit for bit those it gets alone, whatever the batch and the bucket (:mod:`qwen_jax.invariance`).
     """
     if isinstance(input_ids, list | tuple) and input_ids and not np.isscalar(input_ids[0]):
-        input_ids, attention_mask = left_pad(input_ids, pad_to_multiple, pad_token_id)
+        input_ids, attention_mask = pad_prompts(
+            input_ids, pad_to_multiple, pad_token_id, right=batch_invariant
+        )
     input_ids = np.asarray(input_ids, np.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
     attention_mask = (
         np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     )
+    if batch_invariant:
+        check_right_padded(attention_mask)
     extra = _round_up(input_ids.shape[1], pad_to_multiple) - input_ids.shape[1]
     if extra:
-        input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=pad_token_id)
-        attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
+        where = (0, extra) if batch_invariant else (extra, 0)
+        input_ids = np.pad(input_ids, ((0, 0), where), constant_values=pad_token_id)
+        attention_mask = np.pad(attention_mask, ((0, 0), where))
     prompt_len = input_ids.shape[1]
     if max_length is None:
         max_length = _round_up(prompt_len + max_new_tokens, 256)
@@ -178,7 +218,9 @@ def generate(
     stop_ids = jnp.asarray(list(stop_token_ids) or [-1], jnp.int32)
 
     graphdef, params = nnx.split(model)
-    first_logits, cache = _prefill(graphdef, params, input_ids, attention_mask, max_length, moe_backend)
+    first_logits, cache = _prefill(
+        graphdef, params, input_ids, attention_mask, max_length, moe_backend, batch_invariant
+    )
     tokens, logits, steps, _ = _decode_loop(
         graphdef,
         params,
@@ -189,6 +231,7 @@ def generate(
         pad_token_id,
         moe_backend,
         return_logits,
+        batch_invariant,
     )
     steps = int(steps)
     tokens = np.array(tokens)[:, :max_new_tokens]
@@ -199,9 +242,12 @@ def generate(
     return Generation(tokens=tokens, lengths=first_stop.astype(np.int32), logits=kept)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "moe_backend"), donate_argnames=("cache",))
-def _greedy_step(graphdef, params, token, cache, moe_backend):
-    logits, cache = decode_step(nnx.merge(graphdef, params), token, cache, moe_backend)
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "moe_backend", "batch_invariant"), donate_argnames=("cache",)
+)
+def _greedy_step(graphdef, params, token, cache, moe_backend, batch_invariant=False):
+    with batch_invariant_mode(batch_invariant):
+        logits, cache = decode_step(nnx.merge(graphdef, params), token, cache, moe_backend)
     return greedy_tokens(logits), cache
 
 
@@ -213,20 +259,22 @@ def stream_generate(
     stop_token_ids: Sequence[int] | None = None,
     max_length: int | None = None,
     moe_backend: str = "auto",
+    batch_invariant: bool = False,
 ) -> Iterator[int]:
     """Greedy decoding of one prompt, yielding each token as soon as it is chosen (for terminals and progress
-    bars). Same numerics as :func:`generate`; the per-token step compiles once per ``max_length``."""
+    bars). Same numerics as :func:`generate` (with the same ``batch_invariant``); the per-token step compiles once
+    per ``max_length``."""
     if stop_token_ids is None:
         stop_token_ids = default_stop_token_ids(model)
-    ids, mask = left_pad([list(prompt)], 64)
+    ids, mask = pad_prompts([list(prompt)], 64, right=batch_invariant)
     max_length = max_length or _round_up(ids.shape[1] + max_new_tokens, 256)
     check_generation(model.cfg, mask, max_new_tokens, max_length, model.dtype)
     graphdef, params = nnx.split(model)
-    logits, cache = _prefill(graphdef, params, ids, mask, max_length, moe_backend)
+    logits, cache = _prefill(graphdef, params, ids, mask, max_length, moe_backend, batch_invariant)
     token = greedy_tokens(logits)
     for step in range(min(max_new_tokens, max_length - ids.shape[1] + 1)):
         value = int(token[0])
         yield value
         if value in stop_token_ids or step + 1 == max_new_tokens:
             return
-        token, cache = _greedy_step(graphdef, params, token, cache, moe_backend)
+        token, cache = _greedy_step(graphdef, params, token, cache, moe_backend, batch_invariant)

@@ -21,6 +21,7 @@ from qwen_jax.attention import GatedAttention
 from qwen_jax.cache import DecodeState, LayerState, TokenContext
 from qwen_jax.config import ModelConfig
 from qwen_jax.deltanet import GatedDeltaNet
+from qwen_jax.invariance import batch_invariant, batch_invariant_mode, check_right_padded, fence
 from qwen_jax.moe import Routing, SparseMoe, router_logits
 from qwen_jax.norms import RMSNorm
 from qwen_jax.ops import dense, tie_to
@@ -74,13 +75,13 @@ class DecoderLayer(nnx.Module):
         """h [B, L, hidden] -> (h, the layer's new decode state or None without one, routing, the intermediates
         named in ``capture``: {} when none is)."""
         with jax.named_scope(self.layer_type):
-            mixer_in = self.input_layernorm(h)
-            x, state = self.token_mixer(mixer_in, context, state)
+            (mixer_in,) = fence(self.input_layernorm(h))
+            x, state = fence(*self.token_mixer(mixer_in, context, state))
         h = (h + x).astype(h.dtype)
         with jax.named_scope("moe"):
-            moe_in = self.post_attention_layernorm(h)
-            x, routing = moe_in_chunks(self.mlp, moe_in, moe_backend)
-        h = (h + x).astype(h.dtype)
+            (moe_in,) = fence(self.post_attention_layernorm(h))
+            x, routing = fence(*moe_in_chunks(self.mlp, moe_in, moe_backend))
+        (h,) = fence((h + x).astype(h.dtype))
         captured = {}
         if capture:
             with jax.named_scope("capture"):
@@ -154,6 +155,15 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
+def last_real(h: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Each row's last real position of ``h`` [B, L, ...], as [B, 1, ...]: the last position (left padding), or in
+    the batch-invariant mode (right padding) the row's own last."""
+    if not batch_invariant():
+        return h[:, -1:]
+    last = jnp.maximum(jnp.sum(attention_mask > 0, axis=1) - 1, 0)
+    return jnp.take_along_axis(h, last.reshape(-1, *(1,) * (h.ndim - 1)), axis=1)
+
+
 def run_decoder(
     model: Qwen35MoeForCausalLM,
     input_ids,
@@ -181,7 +191,10 @@ def run_decoder(
         h = jnp.take(embed_tokens, input_ids, axis=0)
     cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, h.dtype)
     key_mask, start = None, 0
-    if cache is not None:
+    if cache is not None and decoding and batch_invariant():  # right-padded rows: each at its own length
+        start = cache.next_position
+        key_mask = cache.key_mask.at[jnp.arange(input_ids.shape[0]), start].set(1)
+    elif cache is not None:
         start = cache.length
         key_mask = jax.lax.dynamic_update_slice(cache.key_mask, attention_mask.astype(jnp.int32), (0, start))
     context = TokenContext(cos, sin, attention_mask, key_mask, start, decoding)
@@ -197,20 +210,33 @@ def run_decoder(
             captured[name].append(value)
     with jax.named_scope("head"):
         hidden[-1] = model.norm(h)  # as HF: the last hidden state is the final norm's output
-        logits = dense(hidden[-1][:, -1:] if last_only else hidden[-1], model.lm_head[...])
+        logits = dense(last_real(hidden[-1], attention_mask) if last_only else hidden[-1], model.lm_head[...])
     new_cache = None
     if cache is not None:
-        new_cache = DecodeState(tuple(new_states), key_mask, start + length, positions[:, -1] + 1)
+        new_cache = DecodeState(tuple(new_states), key_mask, cache.length + length, positions[:, -1] + 1)
     captured = {name: tuple(values) for name, values in captured.items()}
     return logits, tuple(hidden), tuple(routings), new_cache, captured
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "moe_backend", "extras", "capture"))
-def _forward_jit(graphdef, state, input_ids, attention_mask, positions, moe_backend, extras, capture=()):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "moe_backend", "extras", "capture", "batch_invariant")
+)
+def _forward_jit(
+    graphdef,
+    state,
+    input_ids,
+    attention_mask,
+    positions,
+    moe_backend,
+    extras,
+    capture=(),
+    batch_invariant=False,
+):
     model = nnx.merge(graphdef, state)
-    logits, hidden, routing, _, captured = run_decoder(
-        model, input_ids, attention_mask, positions, moe_backend, capture=capture
-    )
+    with batch_invariant_mode(batch_invariant):
+        logits, hidden, routing, _, captured = run_decoder(
+            model, input_ids, attention_mask, positions, moe_backend, capture=capture
+        )
     return ForwardOutput(
         logits, hidden if extras else None, routing if extras else None, captured if capture else None
     )
@@ -234,6 +260,7 @@ def forward(
     return_hidden_states: bool = False,
     moe_backend: str = "auto",
     capture: str | Iterable[str] = (),
+    batch_invariant: bool = False,
 ) -> jax.Array | ForwardOutput:
     """Logits [B, L, vocab] for int ``input_ids`` [B, L].
 
@@ -243,6 +270,10 @@ def forward(
     With ``capture`` (names from :data:`CAPTURABLE`) returns a :class:`ForwardOutput` whose ``captured[name]`` holds
     one value per layer (None for a layer of the other type); the logits are the same, bit for bit, and with no
     names the program is the one compiled without ``capture``.
+
+    With ``batch_invariant=True`` (rows right-padded: ``attention_mask`` 1s, then 0s) each row's logits and hidden
+    states at its real positions are bit for bit the same whatever the batch, the other rows and the padded
+    length (:mod:`qwen_jax.invariance`); they differ from the default mode's in the last bits.
     """
     capture = capture_names(capture)
     input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -253,12 +284,22 @@ def forward(
     attention_mask = jnp.asarray(attention_mask, jnp.int32)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+    if batch_invariant:
+        check_right_padded(attention_mask)
     positions = (
         default_positions(attention_mask) if position_ids is None else jnp.asarray(position_ids, jnp.int32)
     )
     graphdef, state = nnx.split(model)
     out = _forward_jit(
-        graphdef, state, input_ids, attention_mask, positions, moe_backend, return_hidden_states, capture
+        graphdef,
+        state,
+        input_ids,
+        attention_mask,
+        positions,
+        moe_backend,
+        return_hidden_states,
+        capture,
+        batch_invariant,
     )
     return out if return_hidden_states or capture else out.logits
 

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from qwen_jax.config import ModelConfig
+from qwen_jax.invariance import ROW_TILE, batch_invariant, map_row_tiles
 from qwen_jax.ops import F32, dense, sigmoid, swiglu, tie_to
 from qwen_jax.sharding import DP, EP, expert_parallel_size
 
@@ -41,7 +42,10 @@ def router_logits(x: jax.Array, router: jax.Array) -> jax.Array:
 
 
 def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
-    """Router logits in the activation dtype, softmax in fp32, top-k, renormalise, round to the activation dtype."""
+    """Router logits in the activation dtype, softmax in fp32, top-k, renormalise, round to the activation dtype.
+    (On fixed row tiles in the batch-invariant mode.)"""
+    if batch_invariant():
+        return map_row_tiles(lambda rows: route(rows, router, top_k), x)
     probs = jax.nn.softmax(router_logits(x, router).astype(F32), axis=-1)
     top_probs, experts = jax.lax.top_k(probs, top_k)
     weights = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
@@ -226,6 +230,26 @@ def auto_expert_ffn(x_sorted, group_sizes, gate_up, down):
     return ragged_expert_ffn(x_sorted, group_sizes, gate_up, down)
 
 
+def invariant_expert_ffn(x_sorted, group_sizes, gate_up, down):
+    """The batch-invariant mode's experts: always blocks of :data:`~qwen_jax.invariance.ROW_TILE` rows, so a row is
+    computed by the same fixed-shape matmuls whatever the number of rows."""
+    return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, ROW_TILE)
+
+
+def expert_backend(name: str) -> Callable:
+    """The expert backend called ``name``; in the batch-invariant mode only ``auto`` is allowed, and it is
+    :func:`invariant_expert_ffn`."""
+    if name not in EXPERT_BACKENDS:
+        raise ValueError(f"unknown moe_backend {name!r}: use one of {sorted(EXPERT_BACKENDS)}")
+    if batch_invariant():
+        if name != "auto":
+            raise ValueError(
+                f"moe_backend={name!r} is not batch-invariant: use 'auto' with batch_invariant=True"
+            )
+        return invariant_expert_ffn
+    return EXPERT_BACKENDS[name]
+
+
 EXPERT_BACKENDS: dict[str, Callable] = {
     "auto": auto_expert_ffn,
     "ragged": ragged_expert_ffn,
@@ -315,11 +339,24 @@ class SparseMoe(nnx.Module):
         x = x.reshape(-1, shape[-1])
         routing = route(x, self.router[...], self.top_k)
         outputs = self.expert_outputs(x, routing.experts, backend)
-        out = (combine_slots(outputs, routing) + self.shared_expert(x)).astype(x.dtype)
-        return out.reshape(shape), routing
+        return self.combine(x, outputs, routing).reshape(shape), routing
+
+    def combine(self, x: jax.Array, outputs: jax.Array, routing: Routing) -> jax.Array:
+        """The weighted slot outputs plus the shared expert's, per token. In the batch-invariant mode on row tiles:
+        otherwise XLA fuses the slot sum with whatever produced the outputs (an expert-parallel psum, or not), and
+        rounds it differently (measured: 3e-8 per layer)."""
+        if batch_invariant():
+            return map_row_tiles(
+                lambda rows, out, weights, experts: self.combine(rows, out, Routing(weights, experts, None)),
+                x,
+                outputs,
+                routing.weights,
+                routing.experts,
+            )
+        return (combine_slots(outputs, routing) + self.shared_expert(x)).astype(x.dtype)
 
     def expert_outputs(self, x: jax.Array, experts: jax.Array, backend: str = "auto") -> jax.Array:
         """Each (token, slot)'s routed expert output before the weighted combine: x [N, hidden], experts [N, k] ->
         [N, k, hidden], on one device or split over the mesh's ``ep`` axis."""
         compute = expert_parallel_slot_outputs if expert_parallel_size() > 1 else slot_outputs
-        return compute(x, experts, self.gate_up[...], self.down[...], EXPERT_BACKENDS[backend])
+        return compute(x, experts, self.gate_up[...], self.down[...], expert_backend(backend))

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwen_jax.invariance import batch_invariant, map_row_tiles
 from qwen_jax.ops import F32
 
 
@@ -15,7 +16,10 @@ def _normalise(x: jax.Array, eps: float) -> jax.Array:
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """Zero-centred RMSNorm: ``normalise(x) * (1 + w)``, all in fp32, rounded once at the end."""
+    """Zero-centred RMSNorm: ``normalise(x) * (1 + w)``, all in fp32, rounded once at the end. (On fixed row
+    tiles in the batch-invariant mode, as every norm here.)"""
+    if batch_invariant():
+        return map_row_tiles(lambda rows: rms_norm(rows, weight, eps), x)
     return (_normalise(x, eps) * (1.0 + weight.astype(F32))).astype(x.dtype)
 
 
@@ -25,6 +29,8 @@ def gated_rms_norm(x: jax.Array, gate: jax.Array, weight: jax.Array, eps: float)
     ``w`` is a plain multiplier (not 1 + w). The normalised value is rounded to ``x.dtype`` before the weight
     multiply; the gate's SiLU runs in fp32; the result is rounded once more.
     """
+    if batch_invariant():
+        return map_row_tiles(lambda rows, gates: gated_rms_norm(rows, gates, weight, eps), x, gate)
     n = weight * _normalise(x, eps).astype(x.dtype)
     return (n.astype(F32) * jax.nn.silu(gate.astype(F32))).astype(x.dtype)
 

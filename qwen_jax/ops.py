@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_jax.invariance import batch_invariant, map_row_tiles
+
 F32 = jnp.float32
 
 
@@ -22,7 +24,11 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     inside a decode loop that conversion of the (loop-invariant) weights is hoisted out of the loop, an fp32 copy of
     every weight. So on the CPU a single bf16 row is computed as two (the second a copy, dropped): the same
     fp32-accumulated product of the same operands, with the weights read in bf16.
+
+    In the batch-invariant mode the product runs on fixed tiles of rows (:func:`qwen_jax.invariance.map_row_tiles`).
     """
+    if batch_invariant():
+        return map_row_tiles(lambda rows: dense(rows, w), x)
     rows = math.prod(x.shape[:-1])
     if rows == 1 and x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
         two = jnp.broadcast_to(x.reshape(1, -1), (2, x.shape[-1]))

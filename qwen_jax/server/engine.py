@@ -27,7 +27,6 @@ from qwen_jax.replies import apply_until
 from qwen_jax.tokenizer import QwenTokenizer, load_tokenizer
 
 __all__ = [
-    "GENERATE_HAS_BATCH_INVARIANT_MODE",
     "Decoded",
     "Engine",
     "Finished",
@@ -36,19 +35,12 @@ __all__ = [
     "finish",
 ]
 
-# ``generate(..., batch_invariant=True)`` (a reply independent of the other rows of its batch) comes with a later
-# issue. Until it exists, a ``--batch-invariant`` server decodes every request alone, at batch 1. When it lands,
-# set this to True: batches then form as without the flag and decode with ``batch_invariant=True``.
-GENERATE_HAS_BATCH_INVARIANT_MODE = False
-
 
 def batching(max_batch_size: int, batch_invariant: bool) -> tuple[int, dict[str, Any]]:
-    """(the largest batch the batcher may form, extra keywords for ``generate``)."""
-    if not batch_invariant:
-        return max_batch_size, {}
-    if GENERATE_HAS_BATCH_INVARIANT_MODE:
-        return max_batch_size, {"batch_invariant": True}
-    return 1, {}
+    """(the largest batch the batcher may form, extra keywords for ``generate``): batches form alike with or without
+    ``--batch-invariant``, which decodes them with ``generate(..., batch_invariant=True)`` (a row's reply is then
+    the one it gets alone, whatever else is in its batch)."""
+    return max_batch_size, {"batch_invariant": True} if batch_invariant else {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +179,7 @@ class Engine:
         }
 
     def decode_batch(self, rows: Sequence[Row]) -> list[Decoded]:
-        """Greedy decoding of ``rows`` as one left-padded batch; each row cut at its own ``max_tokens``."""
+        """Greedy decoding of ``rows`` as one padded batch; each row cut at its own ``max_tokens``."""
         kwargs = self.generate_kwargs(rows)
         mesh = contextlib.nullcontext() if self.mesh is None else _set_mesh(self.mesh)
         with mesh:

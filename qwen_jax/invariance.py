@@ -1,0 +1,140 @@
+"""The batch-invariant mode: a row's numbers do not depend on what else is in the batch, or on its padding.
+
+XLA chooses the kernel of a matmul or of a reduction by the shape of the whole operation, and with the kernel the
+order of its floating-point sums. Measured on XLA:CPU (fp32 and bf16): ``(x[:m] @ W)[0]`` changes in its last bits
+with the row count m, and so does a row's RMSNorm, softmax or l2 norm once m reaches 8-16 rows. A batched matmul
+(batch dimensions on both operands) computes each batch element alike whatever their number; elementwise ops,
+gathers, max, min, top-k and argsort are exact. So a program computes a row the same way in every batch when every
+sum over a row's features runs on a fixed shape:
+
+- per-token work (the dense projections, lm_head, the norms, the router) runs on tiles of :data:`ROW_TILE` rows
+  (:func:`map_row_tiles`): one fixed-shape program applied tile after tile, whatever the number of rows;
+- the routed experts run on blocks of :data:`ROW_TILE` rows of one expert (``qwen_jax.moe.blocked_expert_ffn``),
+  whatever the row count (the default mode switches to per-row gathers for a few rows);
+- attention runs one row at a time, on blocks of queries over fixed-size key blocks, where a fully masked block
+  leaves the softmax statistics bit for bit unchanged (:func:`qwen_jax.attention.invariant_attend`), so neither
+  the padded length nor the cache length changes a result;
+- rows are right-padded, so the DeltaNet's 64-token chunks start at the same tokens in every row and in every
+  bucket; padded positions are zeroed before the delta rule, so they leave its state unchanged, and each row's
+  conv history is taken at its own length. The delta rule runs one row at a time (:func:`map_rows`): its small
+  batched matmuls, on XLA:CPU, round differently with the batch count (measured: the chunked form's output at
+  B = 2 differs from B = 1 by 6e-8), though not with the number of chunks.
+
+:func:`batch_invariant_mode` switches the mode on while a program is traced (``forward``, ``generate`` and
+``stream_generate`` do so for ``batch_invariant=True``); the blocks ask :func:`batch_invariant`. The default mode
+is untouched, and the two modes' numbers differ (they round in different places); each keeps the parity bounds
+against transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+#: Rows per tile of the per-token work, and per block of an expert's rows.
+ROW_TILE = 16
+
+_MODE = contextvars.ContextVar("qwen_jax_batch_invariant", default=False)
+
+
+@contextlib.contextmanager
+def batch_invariant_mode(enabled: bool = True) -> Iterator[None]:
+    """Traces the enclosed code in the batch-invariant mode (or, with ``enabled=False``, in the default one)."""
+    token = _MODE.set(enabled)
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
+def batch_invariant() -> bool:
+    """Whether the code being traced is in the batch-invariant mode."""
+    return _MODE.get()
+
+
+def isolated(fn: Callable, *operands: jax.Array) -> object:
+    """``fn(*operands)`` behind optimization barriers on its inputs and outputs, so XLA fuses none of its work with
+    the surrounding program's. A map whose loop runs once is inlined, and its body would otherwise fuse with its
+    neighbours and round differently (measured: an fp32 slot sum turned into fused multiply-adds in a 1-token
+    forward, 1.2e-7 off the same token in a batch)."""
+    return jax.lax.optimization_barrier(fn(*jax.lax.optimization_barrier(operands)))
+
+
+def fence(*values):
+    """``values`` (pytrees of arrays) behind an optimization barrier in the batch-invariant mode, unchanged
+    otherwise: the blocks of a layer then compile as they do alone, whatever program they are in (measured: in a
+    1-token forward, XLA fused an attention layer's work with the next layer's and its output moved by 1.2e-7)."""
+    return jax.lax.optimization_barrier(values) if batch_invariant() else values
+
+
+def opaque_map(fn: Callable, xs) -> object:
+    """``jax.lax.map(fn, xs)`` as a loop XLA cannot drop: its trip count is hidden behind an optimization barrier.
+    XLA inlines a loop that runs once, and the inlined body compiles differently (measured: a 1-token forward's
+    last layer came out 1.2e-7 off the same token in a batch); a loop kept as a loop compiles its body alone."""
+    n = jax.tree.leaves(xs)[0].shape[0]
+    out_shape = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], xs))
+    (count,) = jax.lax.optimization_barrier((jnp.int32(n),))
+
+    def body(i, out):
+        y = fn(jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), xs))
+        return jax.tree.map(lambda o, v: jax.lax.dynamic_update_index_in_dim(o, v, i, 0), out, y)
+
+    (first,) = jax.tree.leaves(xs)[:1]
+    empty = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), s.dtype), out_shape)
+    empty = jax.lax.optimization_barrier((first, empty))[
+        1
+    ]  # made inside the program, not at its start (see ops.tie_to)
+    return jax.lax.fori_loop(0, count, body, empty)
+
+
+def map_row_tiles(fn: Callable, *arrays: jax.Array) -> object:
+    """``fn(*arrays)`` for a per-row ``fn``, computed on fixed tiles of :data:`ROW_TILE` rows.
+
+    A row is one index of the leading dimensions the arrays share (all but the last dimension of the first array):
+    the rows are flattened, zero-padded to whole tiles, and ``fn`` is mapped over the tiles, so it always sees
+    [ROW_TILE, features] operands. ``fn`` returns arrays (or a pytree of them) with one leading row dimension; the
+    result has the arrays' leading dimensions back. Inside a tile the mode is off: the tile is already fixed-shape.
+    """
+    lead = arrays[0].shape[:-1]
+    rows = math.prod(lead)
+    pad = -rows % ROW_TILE
+
+    def tiles(a: jax.Array) -> jax.Array:
+        flat = a.reshape(rows, *a.shape[len(lead) :])
+        flat = jnp.pad(flat, [(0, pad)] + [(0, 0)] * (flat.ndim - 1))
+        return flat.reshape(-1, ROW_TILE, *flat.shape[1:])
+
+    def one_tile(operands):
+        with batch_invariant_mode(False):
+            return isolated(fn, *operands)
+
+    out = opaque_map(one_tile, tuple(tiles(a) for a in arrays))
+    return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:])[:rows].reshape(*lead, *o.shape[2:]), out)
+
+
+def map_rows(fn: Callable, *arrays: jax.Array) -> object:
+    """``fn(*arrays)`` for arrays [B, ...] computed one batch row at a time (``fn`` sees [1, ...] operands and returns
+    arrays, or a pytree of them, [1, ...]): for the sequence mixers' batched matmuls, whose small-matrix kernels on
+    XLA:CPU change with the batch count."""
+    out = opaque_map(lambda row: isolated(fn, *(a[None] for a in row)), arrays)
+    return jax.tree.map(lambda o: o[:, 0], out)
+
+
+def right_padded(attention_mask: np.ndarray) -> bool:
+    """Whether every row of a [B, L] mask is its real tokens first, then padding (1s, then 0s)."""
+    mask = np.asarray(attention_mask) > 0
+    return bool(np.all(mask[:, :-1] >= mask[:, 1:])) if mask.shape[1] > 1 else True
+
+
+def check_right_padded(attention_mask: np.ndarray) -> None:
+    if not right_padded(attention_mask):
+        raise ValueError(
+            "batch_invariant=True needs right-padded rows (attention_mask 1 for the real tokens, then 0): "
+            "left padding would shift the DeltaNet's chunk boundaries by the padding"
+        )

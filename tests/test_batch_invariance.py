@@ -1,0 +1,308 @@
+"""The batch-invariant mode (``batch_invariant=True``): a prompt's logits and greedy tokens are bitwise the same
+alone, unpadded, and in any batch with other prompts of other lengths, right-padded into any bucket.
+
+24 seeded prompts of 1-300 tokens per tiny config, fp32 and bf16. Each prompt runs in a batch of all 24 (bucket
+512) and in at least one of four random batches of 2, 3, 8 and 17 prompts (buckets 64, 256, 512, 320); the shortest
+(1 token) and the longest (300) also run alone, unpadded (a program per length: more would not fit the test
+budget). Logits at every real position and 32 greedy tokens
+(with the logits they were chosen from) are compared with ``np.array_equal``. The same on 2 and 8 fake devices
+(``ep`` mesh), against one device. The invariant mode keeps the parity bounds against transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import qwen_jax
+from qwen_jax.generate import _decode_loop, _prefill, pad_prompts
+from qwen_jax.invariance import ROW_TILE, batch_invariant_mode, map_row_tiles, right_padded
+
+hf_reference = pytest.importorskip("hf_reference")
+from test_model_parity import DISTANCE_FACTOR, FP32_ATOL, mean_kl, models  # noqa: E402
+
+CONFIGS = ("hv2hk_top2of8", "dk_ne_dv")
+NEW_TOKENS = 32
+N_PROMPTS = 24
+#: (batch size, bucket): the random batches each prompt may land in, besides the batch of all 24.
+BATCHES = ((2, 64), (3, 256), (8, 512), (17, 320))
+ALL_BUCKET = 512
+
+
+@functools.cache
+def prompts() -> tuple[tuple[int, ...], ...]:
+    rng = np.random.default_rng(13)
+    lengths = [1, 64, 65, 300, *rng.integers(1, 301, N_PROMPTS - 4)]
+    return tuple(tuple(int(t) for t in rng.integers(0, 256, n)) for n in lengths)
+
+
+#: The prompts run alone, unpadded (indices into prompts()): 1 and 300 tokens.
+ALONE = (0, 3)
+
+
+@functools.cache
+def batches() -> tuple[tuple[tuple[int, ...], int], ...]:
+    """(prompt indices, bucket) of every batch: all 24, then the random ones. Every prompt lands in one of these
+    (longest first, into the fullest-fitting bucket with room); the spare places get random prompts that fit."""
+    rng = np.random.default_rng(7)
+    lengths = [len(p) for p in prompts()]
+    rows: list[list[int]] = [[] for _ in BATCHES]
+    for i in sorted(rng.permutation(N_PROMPTS), key=lambda i: -lengths[i]):
+        room = [b for b, (size, bucket) in enumerate(BATCHES) if len(rows[b]) < size and lengths[i] <= bucket]
+        rows[min(room, key=lambda b: BATCHES[b][1])].append(int(i))
+    for b, (size, bucket) in enumerate(BATCHES):
+        spare = [i for i in range(N_PROMPTS) if lengths[i] <= bucket and i not in rows[b]]
+        rows[b] += [int(i) for i in rng.choice(spare, size - len(rows[b]), replace=False)]
+        rows[b] = [rows[b][k] for k in rng.permutation(size)]
+    return ((tuple(range(N_PROMPTS)), ALL_BUCKET), *((tuple(r), bucket) for r, (_, bucket) in zip(rows, BATCHES)))
+
+
+def model(name: str, dtype: str, tiny_checkpoints):
+    return models(name, dtype, str(tiny_checkpoints(name)))[1]
+
+
+@functools.cache
+def forward_runs(name: str, dtype: str, path: str) -> dict[int, list[np.ndarray]]:
+    """{prompt index: its logits [n, vocab] from every run it was in}, the alone run first where there is one."""
+    jax_model = models(name, dtype, path)[1]
+    runs: dict[int, list[np.ndarray]] = {i: [] for i in range(N_PROMPTS)}
+    for i in ALONE:
+        runs[i].append(
+            np.asarray(qwen_jax.forward(jax_model, np.array([prompts()[i]]), batch_invariant=True))[0]
+        )
+    for rows, bucket in batches():
+        ids, mask = pad_prompts([prompts()[i] for i in rows], bucket, right=True)
+        assert ids.shape[1] == bucket
+        logits = np.asarray(qwen_jax.forward(jax_model, ids, mask, batch_invariant=True))
+        for row, i in enumerate(rows):
+            runs[i].append(logits[row, : len(prompts()[i])])
+    return runs
+
+
+@functools.cache
+def generate_runs(name: str, dtype: str, path: str) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
+    """{prompt index: (tokens, logits) of its 32 greedy tokens from every run it was in}, alone first."""
+    jax_model = models(name, dtype, path)[1]
+    runs: dict[int, list] = {i: [] for i in range(N_PROMPTS)}
+
+    def run(rows, bucket):
+        out = qwen_jax.generate(
+            jax_model,
+            [list(prompts()[i]) for i in rows],
+            max_new_tokens=NEW_TOKENS,
+            stop_token_ids=(),
+            pad_to_multiple=bucket,
+            return_logits=True,
+            batch_invariant=True,
+        )
+        for row, i in enumerate(rows):
+            runs[i].append((out.tokens[row], out.logits[row]))
+
+    for i in ALONE:
+        run((i,), 1)
+    for rows, bucket in batches():
+        run(rows, bucket)
+    return runs
+
+
+def assert_all_equal(runs: dict, what: str) -> None:
+    for i, results in runs.items():
+        assert len(results) >= 2, f"prompt {i} ran only once"
+        for k, other in enumerate(results[1:], 1):
+            for a, b in zip(*(r if isinstance(r, tuple) else (r,) for r in (results[0], other)), strict=True):
+                assert np.array_equal(a, b), (
+                    f"prompt {i} ({len(prompts()[i])} tokens): {what} of run {k} differ from run 0 "
+                    f"(max {np.abs(a.astype(np.float64) - b.astype(np.float64)).max():.3g})"
+                )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_do_not_depend_on_the_batch(name, dtype, tiny_checkpoints):
+    assert_all_equal(forward_runs(name, dtype, str(tiny_checkpoints(name))), "logits")
+
+
+@pytest.mark.parametrize(
+    "name,dtype",
+    [
+        ("hv2hk_top2of8", "float32"),
+        ("dk_ne_dv", "bfloat16"),
+        pytest.param("hv2hk_top2of8", "bfloat16", marks=pytest.mark.slow),
+        pytest.param("dk_ne_dv", "float32", marks=pytest.mark.slow),
+    ],
+)
+def test_greedy_tokens_do_not_depend_on_the_batch(name, dtype, tiny_checkpoints):
+    """The 32 greedy tokens and the logits they were chosen from (the other two combinations: slow set)."""
+    runs = generate_runs(name, dtype, str(tiny_checkpoints(name)))
+    assert_all_equal(runs, "greedy tokens and their logits")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_fp32_invariant_mode_keeps_parity_with_hf(name, tiny_checkpoints):
+    hf = models(name, "float32", str(tiny_checkpoints(name)))[0]
+    runs = forward_runs(name, "float32", str(tiny_checkpoints(name)))
+    for i in ALONE:
+        ref, _ = hf_reference.hf_forward(hf, np.array([prompts()[i]]))
+        np.testing.assert_allclose(runs[i][0], ref[0], rtol=0, atol=FP32_ATOL, err_msg=f"prompt {i}")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_bf16_invariant_mode_keeps_the_calibrated_criterion(name, tiny_checkpoints):
+    """As tests/test_model_parity.py's bf16 test: within 2e of HF-bf16 in max |diff| (e = HF-bf16 vs HF-fp32), within
+    e in mean KL, top-1 agreement >= 99%, over the prompts run alone."""
+    path = str(tiny_checkpoints(name))
+    hf32, hf16 = models(name, "float32", path)[0], models(name, "bfloat16", path)[0]
+    runs = forward_runs(name, "bfloat16", path)
+    ours, ref16, ref32 = [], [], []
+    for i in ALONE:
+        ids = np.array([prompts()[i]])
+        ref32.append(hf_reference.hf_forward(hf32, ids)[0][0])
+        ref16.append(hf_reference.hf_forward(hf16, ids)[0][0])
+        ours.append(runs[i][0].astype(np.float64))
+    ours, ref16, ref32 = (np.concatenate(x) for x in (ours, ref16, ref32))
+    assert np.abs(ours - ref16).max() <= DISTANCE_FACTOR * np.abs(ref16 - ref32).max()
+    assert mean_kl(ref16, ours) <= mean_kl(ref32, ref16)
+    assert (ours.argmax(-1) == ref16.argmax(-1)).mean() >= 0.99
+
+
+def test_compiled_programs_are_bounded_by_the_buckets(tiny_checkpoints):
+    """Mixed-length prompts grouped into buckets: one prefill and one decode loop per (batch size, bucket) used,
+    however many distinct lengths there are."""
+    jax_model = model("hv2hk_top2of8", "float32", tiny_checkpoints)
+    lengths = (3, 17, 40, 63, 64, 70, 100, 127, 128, 129, 200, 255)  # 12 lengths in buckets 64, 128, 192, 256
+    rng = np.random.default_rng(0)
+    groups: dict[int, list] = {}
+    for n in lengths:
+        groups.setdefault(-(-n // 64) * 64, []).append(list(rng.integers(0, 256, n)))
+    before = (_prefill._cache_size(), _decode_loop._cache_size())
+    for group in groups.values():
+        for start in range(0, len(group), 2):  # batches of up to 2 (the last one may be smaller)
+            qwen_jax.generate(
+                jax_model,
+                group[start : start + 2],
+                max_new_tokens=4,
+                stop_token_ids=(),
+                pad_to_multiple=64,
+                max_length=512,
+                batch_invariant=True,
+            )
+    prefills = _prefill._cache_size() - before[0]
+    loops = _decode_loop._cache_size() - before[1]
+    shapes = {(min(2, len(g) - s), b) for b, g in groups.items() for s in range(0, len(g), 2)}
+    assert prefills <= len(shapes) and loops <= len({size for size, _ in shapes}), (prefills, loops, shapes)
+
+
+def test_row_tiles_are_bitwise_independent_of_the_other_rows():
+    """The building block: a per-row function mapped over fixed tiles gives every row the same bits whatever the
+    number of rows and its place in them; without the tiles the same matmul and RMSNorm do not (measured)."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen_jax.norms import rms_norm
+    from qwen_jax.ops import dense
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((40, 256)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((256, 384)) * 0.05, jnp.float32)
+    scale = jnp.asarray(rng.standard_normal(256), jnp.float32)
+
+    def both(rows):
+        return dense(rows, w), rms_norm(rows, scale, 1e-6)
+
+    def invariant(rows):
+        with batch_invariant_mode():
+            return both(rows)
+
+    alone = [jax.jit(invariant)(x[i : i + 1]) for i in (0, 5, 39)]
+    for m in (2, 3, 8, 17, 40):
+        tiled = jax.jit(invariant)(x[:m])
+        for i, a in zip((0, 5, 39), alone, strict=True):
+            if i < m:
+                for ours, ref in zip(tiled, a, strict=True):
+                    assert np.array_equal(ours[i], ref[0]), (m, i)
+    plain = [jax.jit(both)(x[:m])[0][0] for m in (1, 2, 3, 8, 17, 40)]
+    assert not all(np.array_equal(plain[0], p) for p in plain[1:]), "XLA's matmul became batch-invariant"
+    assert map_row_tiles(lambda r: r * 2, x[:3]).shape == (3, 256) and ROW_TILE == 16
+
+
+def test_batch_invariant_mode_needs_right_padding(tiny_checkpoints):
+    jax_model = model("hv2hk_top2of8", "float32", tiny_checkpoints)
+    ids, mask = pad_prompts([[1, 2, 3], [4]], 1)  # left-padded
+    assert not right_padded(mask) and right_padded(pad_prompts([[1, 2, 3], [4]], 1, right=True)[1])
+    with pytest.raises(ValueError, match="right-padded"):
+        qwen_jax.forward(jax_model, ids, mask, batch_invariant=True)
+    with pytest.raises(ValueError, match="right-padded"):
+        qwen_jax.generate(jax_model, ids, mask, max_new_tokens=2, batch_invariant=True)
+    with pytest.raises(ValueError, match="not batch-invariant"):
+        qwen_jax.forward(jax_model, ids[:1], batch_invariant=True, moe_backend="ragged")
+
+
+def test_stream_generate_gives_the_invariant_tokens(tiny_checkpoints):
+    jax_model = model("hv2hk_top2of8", "float32", tiny_checkpoints)
+    prompt = list(prompts()[2])
+    streamed = list(
+        qwen_jax.stream_generate(jax_model, prompt, max_new_tokens=8, stop_token_ids=(), batch_invariant=True)
+    )
+    batched = qwen_jax.generate(
+        jax_model,
+        [prompt, list(prompts()[5])],
+        max_new_tokens=8,
+        stop_token_ids=(),
+        batch_invariant=True,
+    )
+    assert streamed == list(batched.tokens[0])
+
+
+MESH_SCRIPT = r"""
+import sys
+import jax, numpy as np
+jax.config.update("jax_cpu_enable_async_dispatch", False)
+import qwen_jax
+from qwen_jax.generate import pad_prompts
+from qwen_jax.sharding import make_mesh, shard_model
+
+assert len(jax.devices()) == 8
+model = qwen_jax.load_hf(sys.argv[1], sys.argv[2])
+rng = np.random.default_rng(3)
+prompts = [list(rng.integers(0, 256, n)) for n in (1, 40, 64, 65, 130, 200, 257)]
+ids, mask = pad_prompts(prompts, 320, right=True)
+
+def run(m):
+    logits = np.asarray(qwen_jax.forward(m, ids, mask, batch_invariant=True))
+    out = qwen_jax.generate(m, prompts[:5], max_new_tokens=12, stop_token_ids=(), return_logits=True,
+                            pad_to_multiple=256, batch_invariant=True)
+    alone = qwen_jax.generate(m, [prompts[3]], max_new_tokens=12, stop_token_ids=(), return_logits=True,
+                              pad_to_multiple=1, batch_invariant=True)
+    assert np.array_equal(out.tokens[3], alone.tokens[0]) and np.array_equal(out.logits[3], alone.logits[0])
+    return logits, out.tokens, out.logits
+
+reference = run(model)
+for ep in (2, 8):
+    mesh = make_mesh(ep, devices=jax.devices()[:ep])
+    with jax.set_mesh(mesh):
+        ours = run(shard_model(model, mesh))
+    for a, b in zip(ours, reference):
+        assert np.array_equal(a, b), f"ep={ep} differs from one device: {np.abs(a - b).max()}"
+    print(f"ep={ep} bitwise equal to one device")
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+def test_expert_parallel_invariant_mode_equals_one_device(dtype, tiny_checkpoints):
+    """On 2 and 8 fake devices (``ep`` mesh) the invariant mode gives one device's logits and tokens, bit for bit
+    (the default mode differs across meshes by up to 2e-5: tests/test_sharding.py)."""
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    result = subprocess.run(
+        [sys.executable, "-c", MESH_SCRIPT, str(tiny_checkpoints("hv2hk_top2of8")), dtype],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, XLA_FLAGS=flags.strip()),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("bitwise equal to one device") == 2
