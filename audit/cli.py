@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from audit.errors import AuditInputError
+from audit.records import DEFAULT_HIDDEN_STATES
 from qwen_jax.cli_contract import OneLineParser, check_output_dir, run_guarded
 
 DEFAULT_REPORT_DIR = "audit-report"
@@ -62,6 +63,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
         choices=("on", "off"),
         help="render logged samples with enable_thinking true/false (default: the template's own default, on)",
     )
+    parser.add_argument(
+        "--hidden-states",
+        type=int,
+        metavar="N",
+        help=f"keep the reference's full hidden states for the first N prompts (default {DEFAULT_HIDDEN_STATES}); "
+        "the others keep per-position summaries, and compare with a live reference recomputes them for a prompt "
+        "that diverges (with --reference: the bundle's own)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -103,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--sample must be at least 1")
     if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.hidden_states is not None and args.hidden_states < 0:
+        parser.error("--hidden-states must be at least 0")
 
     def body() -> int:
         if args.command == "record":

@@ -111,12 +111,24 @@ def _finite(x: Any) -> Any:
     return x
 
 
+def hidden_terms(reference: ReferenceRun, jax_run: JaxRun) -> list[metrics.PromptLayerTerms]:
+    """Per prompt, the hidden-state terms of both sides: exact where both hold the full states, else from the
+    summaries (the JAX side's computed here from its full states when it did not keep them)."""
+    return [
+        metrics.prompt_layer_terms(ref.hidden_states(), ours.hidden_states())
+        for ref, ours in zip(reference.sequences, jax_run.sequences, strict=True)
+    ]
+
+
 def layer_entries(
-    reference: ReferenceRun, jax_run: JaxRun, tol: Tolerances, names: Sequence[str], near_tie: float
+    reference: ReferenceRun,
+    jax_run: JaxRun,
+    tol: Tolerances,
+    names: Sequence[str],
+    near_tie: float,
+    terms: Sequence[metrics.PromptLayerTerms] | None = None,
 ) -> list[dict]:
-    diffs = metrics.layer_diffs(
-        [s.hidden for s in reference.sequences], [s.hidden for s in jax_run.sequences]
-    )
+    diffs = metrics.combine_layer_terms(hidden_terms(reference, jax_run) if terms is None else terms)
     entries = []
     for index, (diff, name) in enumerate(zip(diffs, names, strict=True)):
         routing = None
@@ -129,19 +141,70 @@ def layer_entries(
                 near_tie,
             )
             routing = dataclasses.asdict(agreement)
+        at = diff.max_abs_at
+        most = diff.departs_most_at
         entries.append(
             {
                 "index": index,
                 "name": name,
                 "rel_diff": diff.rel_diff,
                 "max_abs": diff.max_abs,
-                "max_abs_at": dict(zip(("prompt", "position", "dim"), diff.max_abs_at, strict=True)),
+                "max_abs_at": None
+                if at is None
+                else dict(zip(("prompt", "position", "dim"), at, strict=True)),
                 "tolerance": tol.layers[index],
                 "exceeds": not diff.rel_diff <= tol.layers[index],  # NaN exceeds
                 "routing": routing,
+                "estimated": diff.estimated,
+                "departs_most_at": None if most is None else {"prompt": most[0], "position": most[1]},
             }
         )
     return entries
+
+
+def diverging_prompts(
+    reference: ReferenceRun,
+    jax_run: JaxRun,
+    tol: Tolerances,
+    terms: Sequence[metrics.PromptLayerTerms] | None = None,
+) -> list[int]:
+    """The prompts where the two sides diverge: their greedy tokens differ, a hidden state of theirs holds NaN or
+    inf, or a hidden state that exceeds its tolerance over all prompts exceeds it on that prompt too (a prompt
+    alone over a tolerance calibrated on all of them is not a divergence in a run that agrees)."""
+    terms = hidden_terms(reference, jax_run) if terms is None else terms
+    limits = np.asarray(tol.layers)
+    exceeding = np.array(
+        [not d.rel_diff <= limit for d, limit in zip(metrics.combine_layer_terms(terms), limits, strict=True)]
+    )
+    out = []
+    for i, (ref, ours, t) in enumerate(zip(reference.sequences, jax_run.sequences, terms, strict=True)):
+        greedy_differs = metrics.first_divergence(ref.generated, ours.generated) is not None
+        non_finite = any(nf is not None for nf in t.non_finite)
+        if greedy_differs or non_finite or (exceeding & ~(t.rel_diff() <= limits)).any():  # NaN exceeds
+            out.append(i)
+    return out
+
+
+def full_states_needed(reference: ReferenceRun, jax_run: JaxRun, dtype: str) -> list[int]:
+    """The diverging prompts (:func:`diverging_prompts`) whose full reference hidden states are not held: those a
+    live reference recomputes."""
+    tol = tolerances(dtype, reference.calibration, reference.sequences[0].hidden_states().n_states)
+    return [i for i in diverging_prompts(reference, jax_run, tol) if reference.sequences[i].hidden is None]
+
+
+def hidden_states_section(
+    reference: ReferenceRun, jax_run: JaxRun, tol: Tolerances, terms: Sequence[metrics.PromptLayerTerms]
+) -> dict:
+    """Which prompts were compared on their full hidden states and which on the summaries alone; a diverging
+    prompt without full states (a bundle: they were not kept) is localised from the summaries."""
+    diverging = diverging_prompts(reference, jax_run, tol, terms)
+    return {
+        "full": [i for i, t in enumerate(terms) if t.exact],
+        "summaries_only": [i for i, t in enumerate(terms) if not t.exact],
+        "diverging": diverging,
+        "diverging_without_full": [i for i in diverging if not terms[i].exact],
+        "sketch_dim": metrics.SKETCH_DIM,
+    }
 
 
 def greedy_section(reference: ReferenceRun, jax_run: JaxRun, decode) -> dict:
@@ -173,7 +236,7 @@ def non_finite_findings(reference: ReferenceRun, jax_run: JaxRun, names: Sequenc
     the first logit position. A non-finite value is a divergence in itself, named where it first appears."""
     found = []
     for side, sequences in (("reference", reference.sequences), ("jax", jax_run.sequences)):
-        at = metrics.first_non_finite([s.hidden for s in sequences])
+        at = metrics.first_non_finite([s.hidden_states().finite_probe() for s in sequences])
         if at is not None:
             index = at[0]
             found.append(
@@ -204,6 +267,23 @@ def _non_finite_reason(finding: dict) -> str:
     )
 
 
+def _layer_departure(layer: dict) -> str:
+    """rel_diff against the tolerance, and where the layer departs most: the max |diff| from full states, else the
+    position the summaries point to."""
+    at, text = layer["max_abs_at"], f"rel_diff {layer['rel_diff']:.3g} > {layer['tolerance']:.3g}"
+    if layer.get("estimated"):
+        text = "estimated " + text + " (from the per-position summaries)"
+    if layer["max_abs"] is not None and at is not None:
+        return (
+            text + f", max |diff| {layer['max_abs']:.3g} at prompt {at['prompt']} position {at['position']} "
+            f"dim {at['dim']}"
+        )
+    most = layer.get("departs_most_at")
+    if most is not None:
+        text += f", departing most at prompt {most['prompt']} position {most['position']}"
+    return text + "; full hidden states not kept"
+
+
 def verdict(
     logits_summary: dict,
     tol: Tolerances,
@@ -226,11 +306,9 @@ def verdict(
     first_layer = min(candidates) if candidates else None
     if exceeding and (not states or exceeding[0]["index"] < min(states)):
         layer = exceeding[0]
-        at = layer["max_abs_at"]
         reasons.append(
-            f"first diverging layer: hidden state {layer['index']} = {layer['name']}: rel_diff "
-            f"{layer['rel_diff']:.3g} > {layer['tolerance']:.3g}, max |diff| {layer['max_abs']:.3g} at prompt "
-            f"{at['prompt']} position {at['position']} dim {at['dim']}"
+            f"first diverging layer: hidden state {layer['index']} = {layer['name']}: "
+            + _layer_departure(layer)
         )
     for p in greedy["prompts"]:
         d = p["divergence"]
@@ -325,11 +403,13 @@ def build_report(
 ) -> dict:
     """The report dict (schema: ``audit/report.schema.json``)."""
     dtype = settings["dtype"]
-    n_states = reference.sequences[0].hidden.shape[0]
+    n_states = reference.sequences[0].hidden_states().n_states
     tol = tolerances(dtype, reference.calibration, n_states)
     near_tie = NEAR_TIE.get(dtype, NEAR_TIE["bfloat16"])
     names = layer_names(layer_types)
-    layers = layer_entries(reference, jax_run, tol, names, near_tie)
+    terms = hidden_terms(reference, jax_run)
+    layers = layer_entries(reference, jax_run, tol, names, near_tie, terms)
+    hidden_states = hidden_states_section(reference, jax_run, tol, terms)
     non_finite = non_finite_findings(reference, jax_run, names)
     summary = metrics.summarise_positions(list(jax_run.position_metrics))
     greedy = greedy_section(reference, jax_run, decode)
@@ -339,6 +419,12 @@ def build_report(
         f"contract differs between the reference and the JAX run: {d['key']}: {d['reference']!r} vs {d['jax']!r}"
         for d in differences
     ]
+    if hidden_states["diverging_without_full"]:
+        warnings.append(
+            f"full hidden states were not kept for the diverging prompt(s) {hidden_states['diverging_without_full']} "
+            "(a bundle keeps them for its first --hidden-states prompts): their layers are compared on the "
+            f"per-position summaries (norms and {metrics.SKETCH_DIM}-dim sketches; rel_diff estimated, no max |diff|)"
+        )
     if replay is not None:
         warnings += list(replay.get("warnings", ()))
     per_position = [
@@ -375,6 +461,7 @@ def build_report(
         ],
         "logits": {"summary": summary, "per_position": per_position},
         "layers": layers,
+        "hidden_states": hidden_states,
         "greedy": greedy,
         "determinism": determinism,
         "replay": replay,

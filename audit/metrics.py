@@ -15,6 +15,9 @@ computed on the reference's support, so live runs and bundles go through the sam
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -120,44 +123,205 @@ def summarise_positions(per_prompt: list[dict[str, np.ndarray]]) -> dict[str, di
     }
 
 
+#: Per-layer summaries of a hidden state, kept per token where the full states are not: its L2 norm, and a sketch,
+#: its projection to ``SKETCH_DIM`` dims by a fixed Gaussian matrix (entries N(0, 1/SKETCH_DIM), seeded), the matrix
+#: of position t being number t % SKETCH_POOL of a seeded pool (so that departures that point the same way at every
+#: position still average out). ||sketch(x) - sketch(y)||^2 is an unbiased estimate of ||x - y||^2.
+SKETCH_DIM = 16
+SKETCH_POOL = 64
+SKETCH_SEED = 20260514
+
+
+@functools.cache
+def sketch_matrices(hidden: int) -> np.ndarray:
+    """[SKETCH_POOL, hidden, SKETCH_DIM] float64: the projections of :func:`summarise_hidden` for width ``hidden``."""
+    rng = np.random.default_rng(SKETCH_SEED)
+    matrices = rng.standard_normal((SKETCH_POOL, hidden, SKETCH_DIM)) / np.sqrt(SKETCH_DIM)
+    matrices.flags.writeable = False
+    return matrices
+
+
+def sketch_spec(hidden: int) -> dict:
+    """What a bundle records of its sketches, so that a reader can check it projects the same way."""
+    digest = hashlib.sha256(sketch_matrices(hidden).tobytes()).hexdigest()
+    return {
+        "dim": SKETCH_DIM,
+        "pool": SKETCH_POOL,
+        "seed": SKETCH_SEED,
+        "hidden_size": hidden,
+        "sha256": digest,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenStates:
+    """One side's hidden states of one prompt: ``full`` [n_states, T, H] float32 where kept (else None), and its
+    summaries ``norms`` [n_states, T] and ``sketch`` [n_states, T, SKETCH_DIM] (float32; computed from ``full`` when
+    not given)."""
+
+    full: np.ndarray | None
+    norms: np.ndarray | None = None
+    sketch: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.full is None and (self.norms is None or self.sketch is None):
+            raise ValueError("hidden states need the full array or both summaries")
+
+    def summaries(self) -> tuple[np.ndarray, np.ndarray]:
+        """(norms, sketch), computed from the full states when not kept."""
+        if self.norms is not None and self.sketch is not None:
+            return self.norms, self.sketch
+        return summarise_hidden(self.full)
+
+    def finite_probe(self) -> np.ndarray:
+        """What shows where NaN or inf are: the full states [n_states, T, H], else the norms [n_states, T]."""
+        return self.full if self.full is not None else self.norms
+
+    @property
+    def n_states(self) -> int:
+        return (self.full if self.full is not None else self.norms).shape[0]
+
+
+def summarise_hidden(hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(norms [n_states, T], sketch [n_states, T, SKETCH_DIM]) of hidden states [n_states, T, H], both float32,
+    computed in float64 (a non-finite state gives non-finite summaries)."""
+    hidden = np.asarray(hidden)
+    n_states, length, width = hidden.shape
+    matrices = sketch_matrices(width)
+    norms = np.empty((n_states, length), np.float32)
+    sketch = np.empty((n_states, length, SKETCH_DIM), np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for r in range(min(SKETCH_POOL, length)):
+            x = np.asarray(hidden[:, r::SKETCH_POOL], np.float64)
+            norms[:, r::SKETCH_POOL] = np.sqrt((x * x).sum(-1))
+            sketch[:, r::SKETCH_POOL] = x @ matrices[r]
+    return norms, sketch
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerDiff:
-    """One hidden state's divergence over all prompts and positions."""
+    """One hidden state's divergence over all prompts and positions.
+
+    ``rel_diff`` = sum ||x - y||^2 / sum (||x||^2 + ||y||^2) over prompts and positions (= 1 - 2<x,y>/(|x|^2+|y|^2));
+    exact for prompts whose full states both sides hold, estimated from the sketches for the others
+    (``estimated``). ``max_abs``/``max_abs_at`` (prompt, position, dim) come from the full states only (None when no
+    prompt has them). ``departs_most_at`` (prompt, position): the position of the largest ||x - y|| (estimated where
+    only sketches exist)."""
 
     rel_diff: float
-    max_abs: float
-    max_abs_at: tuple[int, int, int]  # (prompt, position, dim)
+    max_abs: float | None
+    max_abs_at: tuple[int, int, int] | None  # (prompt, position, dim)
+    estimated: bool = False
+    departs_most_at: tuple[int, int] | None = None
 
 
-def layer_diffs(ref: list[np.ndarray], ours: list[np.ndarray]) -> list[LayerDiff]:
-    """Per hidden-state index: rel_diff over all prompts and positions, and the max |diff| with its coordinate.
+@dataclasses.dataclass(frozen=True)
+class PromptLayerTerms:
+    """One prompt's per-state terms of :class:`LayerDiff`: ``squared`` sum ||x - y||^2, ``energy`` sum ||x||^2 +
+    ||y||^2, ``per_token`` ||x - y||^2 [n_states, T]; from the full states (``exact``: also ``max_abs`` [n_states]
+    and its ``max_abs_at`` (position, dim) per state) or from the summaries; ``non_finite`` per state: the first
+    (position, dim) holding NaN or inf (dim 0 from summaries), or None."""
 
-    ``ref`` and ``ours`` hold one [n_states, T, H] array per prompt.
+    exact: bool
+    squared: np.ndarray
+    energy: np.ndarray
+    per_token: np.ndarray
+    max_abs: np.ndarray | None
+    max_abs_at: list[tuple[int, int]] | None
+    non_finite: list[tuple[int, int] | None]
+
+    def rel_diff(self) -> np.ndarray:
+        """Per state: this prompt's rel_diff (NaN where non-finite)."""
+        out = np.where(self.energy > 0, self.squared / np.where(self.energy > 0, self.energy, 1.0), 0.0)
+        return np.where([nf is None for nf in self.non_finite], out, np.nan)
+
+
+def _as_states(x: np.ndarray | HiddenStates) -> HiddenStates:
+    return x if isinstance(x, HiddenStates) else HiddenStates(np.asarray(x))
+
+
+def prompt_layer_terms(ref: np.ndarray | HiddenStates, ours: np.ndarray | HiddenStates) -> PromptLayerTerms:
+    """The per-state terms of one prompt: exact when both sides hold the full states, else from the summaries."""
+    ref, ours = _as_states(ref), _as_states(ours)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if ref.full is not None and ours.full is not None:
+            return _exact_terms(ref.full, ours.full)
+        (ref_norms, ref_sketch), (our_norms, our_sketch) = ref.summaries(), ours.summaries()
+        d = np.asarray(ref_sketch, np.float64) - np.asarray(our_sketch, np.float64)
+        per_token = (d * d).sum(-1)
+        energy = (np.asarray(ref_norms, np.float64) ** 2 + np.asarray(our_norms, np.float64) ** 2).sum(-1)
+        bad = ~(np.isfinite(per_token) & np.isfinite(ref_norms) & np.isfinite(our_norms))
+    non_finite = [(int(np.argwhere(row)[0][0]), 0) if row.any() else None for row in bad]
+    return PromptLayerTerms(False, per_token.sum(-1), energy, per_token, None, None, non_finite)
+
+
+def _exact_terms(x_all: np.ndarray, y_all: np.ndarray) -> PromptLayerTerms:
+    n_states, length = x_all.shape[:2]
+    squared, energy = np.zeros(n_states), np.zeros(n_states)
+    per_token, max_abs = np.zeros((n_states, length)), np.full(n_states, -1.0)
+    max_abs_at, non_finite = [], []
+    for layer in range(n_states):
+        x, y = np.asarray(x_all[layer], np.float64), np.asarray(y_all[layer], np.float64)
+        d = np.abs(x - y)
+        finite = np.isfinite(d)
+        if not finite.all():
+            at = np.argwhere(~finite)[0]
+            non_finite.append((int(at[0]), int(at[1])))
+            max_abs_at.append(non_finite[-1])
+            continue
+        non_finite.append(None)
+        per_token[layer] = (d * d).sum(-1)
+        squared[layer] = per_token[layer].sum()
+        energy[layer] = float((x**2).sum() + (y**2).sum())
+        at = np.unravel_index(int(d.argmax()), d.shape) if d.size else (0, 0)
+        max_abs[layer] = float(d[at]) if d.size else 0.0
+        max_abs_at.append((int(at[0]), int(at[1])))
+    return PromptLayerTerms(True, squared, energy, per_token, max_abs, max_abs_at, non_finite)
+
+
+def layer_diffs(
+    ref: Sequence[np.ndarray | HiddenStates], ours: Sequence[np.ndarray | HiddenStates]
+) -> list[LayerDiff]:
+    """Per hidden-state index: :class:`LayerDiff` over all prompts and positions.
+
+    ``ref`` and ``ours`` hold one entry per prompt: a [n_states, T, H] array or :class:`HiddenStates`.
     A hidden state holding NaN or inf on either side has rel_diff and max_abs NaN (never a reassuring 0), and
-    ``max_abs_at`` is its first non-finite coordinate."""
-    n_states = ref[0].shape[0]
+    ``max_abs_at`` is its first non-finite coordinate (prompt, position, dim; dim 0 when only summaries show it)."""
+    return combine_layer_terms([prompt_layer_terms(r, o) for r, o in zip(ref, ours, strict=True)])
+
+
+def combine_layer_terms(terms: Sequence[PromptLayerTerms]) -> list[LayerDiff]:
+    """The :class:`LayerDiff` of each state from the prompts' terms (see :func:`layer_diffs`)."""
+    n_states = len(terms[0].squared)
+    estimated = not all(t.exact for t in terms)
     out = []
     for layer in range(n_states):
-        dot = norms = 0.0
-        best, where = -1.0, (0, 0, 0)
-        non_finite = None
-        for prompt, (r, o) in enumerate(zip(ref, ours, strict=True)):
-            x, y = np.asarray(r[layer], np.float64), np.asarray(o[layer], np.float64)
-            d = np.abs(x - y)
-            if non_finite is None and not np.isfinite(d).all():
-                at = np.argwhere(~np.isfinite(d))[0]
-                non_finite = (prompt, int(at[0]), int(at[1]))
-            if non_finite is not None:
-                continue
-            dot += float((x * y).sum())
-            norms += float((x**2).sum() + (y**2).sum())
-            at = np.unravel_index(int(d.argmax()), d.shape)
-            if d[at] > best:
-                best, where = float(d[at]), (prompt, int(at[0]), int(at[1]))
-        if non_finite is not None:
-            out.append(LayerDiff(float("nan"), float("nan"), non_finite))
-        else:
-            out.append(LayerDiff(1.0 - 2.0 * dot / norms if norms > 0 else 0.0, best, where))
+        bad = next(((p, t.non_finite[layer]) for p, t in enumerate(terms) if t.non_finite[layer]), None)
+        if bad is not None:
+            prompt, (position, dim) = bad
+            out.append(
+                LayerDiff(float("nan"), float("nan"), (prompt, position, dim), estimated, (prompt, position))
+            )
+            continue
+        squared = sum(float(t.squared[layer]) for t in terms)
+        energy = sum(float(t.energy[layer]) for t in terms)
+        exact = [(float(t.max_abs[layer]), p, t.max_abs_at[layer]) for p, t in enumerate(terms) if t.exact]
+        best = max(exact, key=lambda e: e[0], default=None)  # the first prompt on ties
+        departs = [
+            (float(t.per_token[layer].max()), p, int(t.per_token[layer].argmax()))
+            for p, t in enumerate(terms)
+            if t.per_token.shape[1]
+        ]
+        most = max(departs, key=lambda e: e[0], default=None)
+        out.append(
+            LayerDiff(
+                squared / energy if energy > 0 else 0.0,
+                None if best is None else best[0],
+                None if best is None else (best[1], *best[2]),
+                estimated,
+                None if most is None else (most[1], most[2]),
+            )
+        )
     return out
 
 

@@ -1,12 +1,19 @@
 """What one side of the audit records per prompt, and the reference bundle that stores the PyTorch side on disk.
 
 A bundle (``python -m audit record``) is a directory holding ``manifest.json`` (library versions, device, dtype,
-seed, sha256 of the checkpoint files, tokenizer and template), ``prompts.json``, ``calibration.json`` and
-``arrays.npz`` (per prompt: the greedy tokens, the teacher-forced logits view, every hidden state, the routing).
+seed, sha256 of the checkpoint files, tokenizer and template, the sketch's parameters), ``prompts.json``,
+``calibration.json`` and ``arrays.npz``. Per prompt and teacher-forced position (:func:`bundle_bytes_per_token`):
+the token, the reference's logits view (:class:`audit.metrics.LogitView`: the top 64 logits, or the whole
+vocabulary up to 4096, and the log-sum-exp; so the top-k logprobs, and the greedy token ``logit_ids[t, 0]``), the
+top k+1 router choices and probabilities of every MoE layer, and per hidden state its L2 norm and its sketch
+(:func:`audit.metrics.summarise_hidden`). The full hidden states [n_states, T, H] are kept only for the first
+``hidden_states`` prompts (``record --hidden-states N``, default :data:`DEFAULT_HIDDEN_STATES`). The greedy
+continuation is ``tokens[prompt_len:]`` and the reference's top-k experts ``router_ids[..., :k]``.
 ``compare --reference BUNDLE`` reads it without torch. Bundles are written to a temporary sibling and renamed.
 
-Size: per prompt, hidden states take (layers + 1) x tokens x hidden x 4 bytes (41 x 2048 x 4 = 336 kB per token at
-full size) and the logits view 64 x 8 bytes per token.
+Size per position at full size (Qwen3.6-35B-A3B: 41 hidden states of 2048, 40 MoE layers of 256 experts, top 8):
+5,112 bytes (``python -c "from audit.records import *; print(full_size_bytes_per_token())"``), against 335,872
+bytes of full hidden states (format 1 kept them for every position). Format 1 bundles are refused (re-record them).
 """
 
 from __future__ import annotations
@@ -22,9 +29,12 @@ import numpy as np
 
 from audit.atomic import atomic_directory
 from audit.errors import AuditInputError
-from audit.metrics import LogitView
+from audit.metrics import FULL_VOCAB_LIMIT, SKETCH_DIM, TOP_K, HiddenStates, LogitView, sketch_spec
 
-BUNDLE_FORMAT = 1
+#: 2: per-position summaries instead of every hidden state (format 1), derived arrays not stored.
+BUNDLE_FORMAT = 2
+#: Prompts (the first ones) whose full hidden states a bundle keeps by default.
+DEFAULT_HIDDEN_STATES = 2
 MANIFEST = "manifest.json"
 ARRAYS = "arrays.npz"
 PROMPTS = "prompts.json"
@@ -46,17 +56,32 @@ class SequenceRecord:
 
     ``tokens`` is the teacher-forced sequence (the prompt followed by the REFERENCE's greedy tokens, so that a
     divergence does not compound); ``generated`` this side's own greedy tokens (the stop token included).
-    ``hidden`` [n_states, T, H] float32; ``experts`` [n_layers, T, k] this side's top-k experts;
-    ``router_ids``/``router_probs`` [n_layers, T, k+1] the top k+1 router probabilities (reference only)."""
+    ``hidden`` [n_states, T, H] float32, or None where not kept; ``norms`` [n_states, T] and ``sketch``
+    [n_states, T, SKETCH_DIM] its summaries (:func:`audit.metrics.summarise_hidden`; computed from ``hidden`` when
+    None); ``experts`` [n_layers, T, k] this side's top-k experts; ``router_ids``/``router_probs`` [n_layers, T, k+1]
+    the top k+1 router probabilities (reference only)."""
 
     prompt_len: int
     tokens: np.ndarray
     generated: np.ndarray
-    hidden: np.ndarray
+    hidden: np.ndarray | None
     experts: np.ndarray
     logits: LogitView | None = None
     router_ids: np.ndarray | None = None
     router_probs: np.ndarray | None = None
+    norms: np.ndarray | None = None
+    sketch: np.ndarray | None = None
+
+    def hidden_states(self) -> HiddenStates:
+        """The hidden states as the metrics take them (full where kept, the summaries always)."""
+        return HiddenStates(self.hidden, self.norms, self.sketch)
+
+    def summarised(self, keep_hidden: bool = True) -> SequenceRecord:
+        """This record with its summaries computed (and its full hidden states dropped unless ``keep_hidden``)."""
+        norms, sketch = self.hidden_states().summaries()
+        return dataclasses.replace(
+            self, hidden=self.hidden if keep_hidden else None, norms=norms, sketch=sketch
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,34 +96,138 @@ class ReferenceRun:
     batch_outputs: tuple[tuple[int, ...], ...] | None = None  # greedy tokens of the batched run
 
 
-def save_bundle(run: ReferenceRun, directory: str | Path) -> Path:
-    """Writes ``run`` as a bundle at ``directory`` (replacing an older bundle there), atomically."""
+def router_id_dtype(num_experts: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every expert id (uint8 for 256 experts)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_experts - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"{num_experts} experts")
+
+
+def bundle_bytes_per_token(cfg) -> dict[str, int]:
+    """Bytes per teacher-forced position of each array a bundle keeps for every prompt, for a model of config
+    ``cfg`` (:class:`qwen_jax.config.ModelConfig`); plain counting of the shapes and dtypes that
+    :func:`save_bundle` writes. Prompts with full hidden states add :func:`full_hidden_bytes_per_token`."""
+    n_states = cfg.num_hidden_layers + 1
+    view = cfg.vocab_size if cfg.vocab_size <= FULL_VOCAB_LIMIT else TOP_K
+    routed = cfg.num_hidden_layers * (cfg.num_experts_per_tok + 1)
+    return {
+        "tokens": 4,  # int32
+        "logit_ids": view * 4,  # int32
+        "logit_values": view * 4,  # float32
+        "logit_lse": 8,  # float64
+        "router_ids": routed * router_id_dtype(cfg.num_experts).itemsize,
+        "router_probs": routed * 4,  # float32
+        "hidden_norms": n_states * 4,  # float32
+        "hidden_sketch": n_states * SKETCH_DIM * 4,  # float32
+    }
+
+
+def full_hidden_bytes_per_token(cfg) -> int:
+    """Bytes per position of the full hidden states (float32), kept only for the ``--hidden-states`` prompts."""
+    return (cfg.num_hidden_layers + 1) * cfg.hidden_size * 4
+
+
+def full_size_bytes_per_token() -> dict[str, int]:
+    """:func:`bundle_bytes_per_token` of Qwen3.6-35B-A3B (the project's copy of its config), with the total and,
+    for comparison, the full hidden states' bytes."""
+    from qwen_jax.config import ModelConfig
+
+    cfg = ModelConfig.qwen3_6_35b_a3b()
+    per_token = bundle_bytes_per_token(cfg)
+    return per_token | {
+        "total": sum(per_token.values()),
+        "full_hidden_states": full_hidden_bytes_per_token(cfg),
+    }
+
+
+def _prompt_arrays(i: int, seq: SequenceRecord, keep_hidden: bool) -> dict[str, np.ndarray]:
+    norms, sketch = seq.hidden_states().summaries()
+    n_experts_bound = int(seq.router_ids.max(initial=0)) + 1
+    arrays = {
+        f"{i}/tokens": np.asarray(seq.tokens, np.int32),
+        f"{i}/prompt_len": np.asarray(seq.prompt_len),
+        f"{i}/logit_ids": np.asarray(seq.logits.ids, np.int32),
+        f"{i}/logit_values": np.asarray(seq.logits.values, np.float32),
+        f"{i}/logit_lse": np.asarray(seq.logits.lse, np.float64),
+        f"{i}/router_ids": np.asarray(seq.router_ids, router_id_dtype(n_experts_bound)),
+        f"{i}/router_probs": np.asarray(seq.router_probs, np.float32),
+        f"{i}/hidden_norms": np.asarray(norms, np.float32),
+        f"{i}/hidden_sketch": np.asarray(sketch, np.float32),
+    }
+    if keep_hidden and seq.hidden is not None:
+        arrays[f"{i}/hidden"] = np.asarray(seq.hidden, np.float32)
+    return arrays
+
+
+def save_bundle(run: ReferenceRun, directory: str | Path, hidden_states: int = DEFAULT_HIDDEN_STATES) -> Path:
+    """Writes ``run`` as a bundle at ``directory`` (replacing an older bundle there), atomically; the full hidden
+    states of the first ``hidden_states`` prompts are kept (where the run holds them)."""
     directory = Path(directory)
     if directory.exists() and not (directory / MANIFEST).is_file():
         raise AuditInputError(f"{directory}: exists and is not a reference bundle; refusing to overwrite it")
     with atomic_directory(directory) as tmp:
         arrays: dict[str, np.ndarray] = {}
         for i, seq in enumerate(run.sequences):
-            arrays.update(
-                {
-                    f"{i}/tokens": seq.tokens,
-                    f"{i}/generated": seq.generated,
-                    f"{i}/hidden": seq.hidden,
-                    f"{i}/experts": seq.experts,
-                    f"{i}/logit_ids": seq.logits.ids,
-                    f"{i}/logit_values": seq.logits.values,
-                    f"{i}/logit_lse": seq.logits.lse,
-                    f"{i}/router_ids": seq.router_ids,
-                    f"{i}/router_probs": seq.router_probs,
-                    f"{i}/prompt_len": np.asarray(seq.prompt_len),
-                }
-            )
+            arrays.update(_prompt_arrays(i, seq, keep_hidden=i < hidden_states))
         np.savez(tmp / ARRAYS, **arrays)
         prompts = [dataclasses.asdict(p) | {"ids": list(p.ids)} for p in run.prompts]
         _write_json(tmp / PROMPTS, {"prompts": prompts, "batch_outputs": run.batch_outputs})
         _write_json(tmp / CALIBRATION, {"calibration": run.calibration, "determinism": list(run.determinism)})
-        _write_json(tmp / MANIFEST, {"bundle_format": BUNDLE_FORMAT, **run.manifest})
+        kept = [i for i, seq in enumerate(run.sequences) if i < hidden_states and seq.hidden is not None]
+        manifest = {
+            "bundle_format": BUNDLE_FORMAT,
+            **run.manifest,
+            "hidden_states": hidden_states,
+            "full_hidden_states": kept,
+        }
+        _write_json(tmp / MANIFEST, manifest)
     return directory
+
+
+def array_sizes(directory: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array of a bundle's ``arrays.npz``, from the ``.npy`` headers (no data read)."""
+    path = Path(directory) / ARRAYS
+    out = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            with archive.open(member) as stream:
+                major, _ = np.lib.format.read_magic(stream)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = read_header(stream)
+            out[member.removesuffix(".npy")] = (shape, dtype)
+    return out
+
+
+def bundle_size(directory: str | Path) -> dict[str, Any]:
+    """What a bundle takes: ``bytes`` on disk (all its files), ``positions`` (teacher-forced positions of all
+    prompts), ``per_position`` (bytes per position of each array kept for every prompt, over all prompts: to
+    compare with :func:`bundle_bytes_per_token`), their sum ``per_token_bytes_per_position``, and the prompts whose
+    ``full_hidden_states`` it keeps with their ``hidden_bytes``."""
+    directory = Path(directory)
+    sizes = array_sizes(directory)
+    positions, per_array, full, hidden_bytes = 0, {}, [], 0
+    for key, (shape, dtype) in sizes.items():
+        prompt, name = key.split("/", 1)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if name == "tokens":
+            positions += shape[0]
+        if name == "hidden":
+            full.append(int(prompt))
+            hidden_bytes += nbytes
+        elif name != "prompt_len":
+            per_array[name] = per_array.get(name, 0) + nbytes
+    per_position = {name: total / max(positions, 1) for name, total in per_array.items()}
+    return {
+        "bytes": sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
+        "positions": positions,
+        "per_position": per_position,
+        "per_token_bytes_per_position": sum(per_position.values()),
+        "full_hidden_states": sorted(full),
+        "hidden_bytes": hidden_bytes,
+    }
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -124,16 +253,58 @@ def _read_json(path: Path) -> Any:
         raise AuditInputError(f"{path}: unreadable JSON ({exc})") from None
 
 
+def _check_format(directory: Path, manifest: dict) -> None:
+    found = manifest.get("bundle_format")
+    if found == BUNDLE_FORMAT:
+        return
+    why = (
+        " (every hidden state of every position; re-record it with `python -m audit record`)"
+        if found == 1
+        else ""
+    )
+    raise AuditInputError(
+        f"{directory / MANIFEST}: bundle format {found!r}{why}; this version reads format {BUNDLE_FORMAT}"
+    )
+
+
+def _check_sketch(directory: Path, manifest: dict) -> None:
+    """The bundle's sketches must come from the projection this version computes (same seed, pool and width)."""
+    recorded = manifest.get("hidden_summary")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("hidden_size"), int):
+        raise AuditInputError(f"{directory / MANIFEST}: no valid hidden_summary (the sketch's parameters)")
+    if recorded != sketch_spec(recorded["hidden_size"]):
+        raise AuditInputError(
+            f"{directory / MANIFEST}: its hidden-state sketches were made with another projection "
+            f"({recorded} vs {sketch_spec(recorded['hidden_size'])}); re-record the bundle"
+        )
+
+
+def _sequence(arrays: dict[str, np.ndarray], i: int) -> SequenceRecord:
+    prompt_len = int(arrays[f"{i}/prompt_len"])
+    tokens = arrays[f"{i}/tokens"]
+    router_ids = arrays[f"{i}/router_ids"].astype(np.int32)
+    return SequenceRecord(
+        prompt_len=prompt_len,
+        tokens=tokens,
+        generated=tokens[prompt_len:],
+        hidden=arrays.get(f"{i}/hidden"),
+        experts=router_ids[..., :-1],
+        logits=LogitView(arrays[f"{i}/logit_ids"], arrays[f"{i}/logit_values"], arrays[f"{i}/logit_lse"]),
+        router_ids=router_ids,
+        router_probs=arrays[f"{i}/router_probs"],
+        norms=arrays[f"{i}/hidden_norms"],
+        sketch=arrays[f"{i}/hidden_sketch"],
+    )
+
+
 def load_bundle(directory: str | Path) -> ReferenceRun:
-    """Reads a bundle written by :func:`save_bundle`; needs numpy only."""
+    """Reads a bundle written by :func:`save_bundle`; needs numpy only. A bundle of another format is refused."""
     directory = Path(directory)
     if not directory.is_dir():
         raise AuditInputError(f"{directory}: reference bundle directory not found")
     manifest = _read_json(directory / MANIFEST)
-    if manifest.get("bundle_format") != BUNDLE_FORMAT:
-        raise AuditInputError(
-            f"{directory / MANIFEST}: bundle format {manifest.get('bundle_format')!r}, expected {BUNDLE_FORMAT}"
-        )
+    _check_format(directory, manifest)
+    _check_sketch(directory, manifest)
     prompts_json = _read_json(directory / PROMPTS)
     calibration = _read_json(directory / CALIBRATION)
     try:
@@ -143,21 +314,7 @@ def load_bundle(directory: str | Path) -> ReferenceRun:
         raise AuditInputError(f"{directory / ARRAYS}: unreadable, truncated or corrupt ({exc})") from None
     prompts = tuple(Prompt(p["name"], p["text"], tuple(p["ids"])) for p in prompts_json["prompts"])
     try:
-        sequences = tuple(
-            SequenceRecord(
-                prompt_len=int(arrays[f"{i}/prompt_len"]),
-                tokens=arrays[f"{i}/tokens"],
-                generated=arrays[f"{i}/generated"],
-                hidden=arrays[f"{i}/hidden"],
-                experts=arrays[f"{i}/experts"],
-                logits=LogitView(
-                    arrays[f"{i}/logit_ids"], arrays[f"{i}/logit_values"], arrays[f"{i}/logit_lse"]
-                ),
-                router_ids=arrays[f"{i}/router_ids"],
-                router_probs=arrays[f"{i}/router_probs"],
-            )
-            for i in range(len(prompts))
-        )
+        sequences = tuple(_sequence(arrays, i) for i in range(len(prompts)))
     except KeyError as exc:
         raise AuditInputError(f"{directory / ARRAYS}: missing array {exc.args[0]}") from None
     batch = prompts_json.get("batch_outputs")

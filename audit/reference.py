@@ -1,9 +1,11 @@
 """The PyTorch side: transformers' Qwen3_5MoeForCausalLM run as the reference (needs the ``reference`` extra).
 
 For each prompt (batch 1, as the audited run): greedy ``generate``, then one teacher-forced forward over the prompt
-and those tokens with every hidden state and the router logits. In a dtype other than float32 the same forward is
-repeated on a float32 copy of the model: how far the reference is from itself across precisions is what calibrates
-the tolerances (see :mod:`audit.compare`).
+and those tokens with every hidden state and the router logits. The hidden states are reduced to their per-position
+summaries at once (:func:`audit.metrics.summarise_hidden`) and kept whole only for the first ``hidden_states``
+prompts; :func:`recompute_hidden` gives them back for a prompt that diverges. In a dtype other than float32 the same
+forward is repeated on a float32 copy of the model: how far the reference is from itself across precisions is what
+calibrates the tolerances (see :mod:`audit.compare`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from transformers import Qwen3_5MoeForCausalLM
 
 from audit import determinism, metrics
 from audit.manifest import host_info, library_versions
-from audit.records import Prompt, ReferenceRun, SequenceRecord
+from audit.records import DEFAULT_HIDDEN_STATES, Prompt, ReferenceRun, SequenceRecord
 
 
 def load_reference_model(checkpoint: Path, dtype: str):
@@ -92,21 +94,43 @@ def router_top(router_logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     return ids.numpy().astype(np.int32), values.numpy()
 
 
-def calibrate(
-    model_fp32, tokens: list[np.ndarray], views: list[metrics.LogitView], hidden: list[np.ndarray], dtype: str
-):
-    """How far the reference in ``dtype`` is from the reference in float32 on the same tokens."""
-    per_prompt, hidden32 = [], []
-    for seq, view in zip(tokens, views, strict=True):
-        logits32, h32, _ = teacher_forced(model_fp32, seq)
-        per_prompt.append(metrics.per_position_logit_metrics(view, logits32))
-        hidden32.append(h32)
-    layers = metrics.layer_diffs(hidden, hidden32)
+def calibrate(model_fp32, sequences: Sequence[SequenceRecord], dtype: str):
+    """How far the reference in ``dtype`` is from the reference in float32 on the same tokens (per-layer rel_diff
+    exact for the prompts whose full states are kept, estimated from the summaries for the others)."""
+    per_prompt, terms = [], []
+    for seq in sequences:
+        logits32, h32, _ = teacher_forced(model_fp32, seq.tokens)
+        per_prompt.append(metrics.per_position_logit_metrics(seq.logits, logits32))
+        ours = h32 if seq.hidden is not None else metrics.HiddenStates(None, *metrics.summarise_hidden(h32))
+        terms.append(metrics.prompt_layer_terms(seq.hidden_states(), ours))
+    layers = metrics.combine_layer_terms(terms)
     return {
         "description": f"reference in {dtype} against the reference in float32, teacher-forced on the same tokens",
         "logits": metrics.summarise_positions(per_prompt),
         "layers": [layer.rel_diff for layer in layers],
     }
+
+
+def recompute_hidden(
+    checkpoint: Path, dtype: str, run: ReferenceRun, indices: Sequence[int]
+) -> tuple[ReferenceRun, list[str]]:
+    """``run`` with the full hidden states of prompts ``indices`` recomputed (the same teacher-forced forward as
+    :func:`record_reference`), and a warning for each prompt whose recomputed states do not give its recorded
+    summaries bitwise (the reference's forward is not reproducible there)."""
+    model = load_reference_model(checkpoint, dtype)
+    sequences, warnings = list(run.sequences), []
+    for i in indices:
+        _, hidden, _ = teacher_forced(model, sequences[i].tokens)
+        norms, sketch = metrics.summarise_hidden(hidden)
+        if not (
+            np.array_equal(norms, sequences[i].norms, equal_nan=True)
+            and np.array_equal(sketch, sequences[i].sketch, equal_nan=True)
+        ):
+            warnings.append(
+                f"prompt {i}: the reference's recomputed hidden states differ from those it summarised first"
+            )
+        sequences[i] = dataclasses.replace(sequences[i], hidden=hidden)
+    return dataclasses.replace(run, sequences=tuple(sequences)), warnings
 
 
 def _record_json(record: SequenceRecord) -> dict:
@@ -129,12 +153,15 @@ def record_reference(
     manifest: dict,
     progress: bool = True,
     journal=None,
+    hidden_states: int = DEFAULT_HIDDEN_STATES,
 ) -> ReferenceRun:
-    """Runs the reference on every prompt; see the module docstring. With an :class:`audit.journal.Journal`, each
-    prompt's record is journaled as it finishes and the prompts already journaled are not run again."""
+    """Runs the reference on every prompt; see the module docstring. The full hidden states are kept for the
+    first ``hidden_states`` prompts, the summaries for all. With an :class:`audit.journal.Journal`, each prompt's
+    record is journaled as it finishes and the prompts already journaled are not run again."""
     torch.manual_seed(seed)
     model = load_reference_model(checkpoint, dtype)
-    k = model.config.num_experts_per_tok
+    model_config = model.config
+    k = model_config.num_experts_per_tok
     sequences, bitwise = [], []
     done = {} if journal is None else journal.done("reference")
     for index, prompt in enumerate(
@@ -149,18 +176,17 @@ def record_reference(
         logits, hidden, router = teacher_forced(model, tokens)
         bitwise.append(determinism.run_pair(logits, teacher_forced(model, tokens)[0]))
         ids, probs = router_top(router, k)
-        sequences.append(
-            SequenceRecord(
-                prompt_len=len(prompt.ids),
-                tokens=tokens,
-                generated=generated,
-                hidden=hidden,
-                experts=ids[..., :k],
-                logits=metrics.logit_view(logits),
-                router_ids=ids,
-                router_probs=probs,
-            )
+        record = SequenceRecord(
+            prompt_len=len(prompt.ids),
+            tokens=tokens,
+            generated=generated,
+            hidden=hidden,
+            experts=ids[..., :k],
+            logits=metrics.logit_view(logits),
+            router_ids=ids,
+            router_probs=probs,
         )
+        sequences.append(record.summarised(keep_hidden=index < hidden_states))
         if journal is not None:
             journal.append(
                 "reference", index, {"record": _record_json(sequences[-1]), "bitwise": bitwise[-1]}
@@ -175,13 +201,7 @@ def record_reference(
     calibration = None
     if dtype != "float32":
         del model
-        calibration = calibrate(
-            load_reference_model(checkpoint, "float32"),
-            [s.tokens for s in sequences],
-            [s.logits for s in sequences],
-            [s.hidden for s in sequences],
-            dtype,
-        )
+        calibration = calibrate(load_reference_model(checkpoint, "float32"), sequences, dtype)
     manifest = {
         **manifest,
         "side": "reference",
@@ -193,6 +213,7 @@ def record_reference(
         "torch_threads": torch.get_num_threads(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
+        "hidden_summary": metrics.sketch_spec(model_config.hidden_size),
     }
     return ReferenceRun(
         prompts=tuple(prompts),

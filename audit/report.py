@@ -275,7 +275,9 @@ def layer_plot(report: Mapping) -> str | None:
         zero_label=f"exactly 0 (drawn at {floor:.0e})",
         marker="o",
         markersize=4,
-        label="rel_diff",
+        label="rel_diff (estimated from summaries)"
+        if any(la.get("estimated") for la in layers)
+        else "rel_diff",
     )
     if any(math.isfinite(t) and t > 0 for t in tol):
         tx = [x for x, t in zip(xs, tol, strict=True) if math.isfinite(t) and t > 0]
@@ -560,7 +562,12 @@ def terminal_summary(report: dict) -> str:
         lines.append(f"layers: no hidden state exceeds its tolerance ({len(report['layers'])} compared)")
     else:
         layer = next((la for la in report["layers"] if la["index"] == first), None)
-        detail = f": rel_diff {fmt(layer['rel_diff'])} > tolerance {fmt(layer['tolerance'])}" if layer else ""
+        estimated = "estimated " if layer and layer.get("estimated") else ""
+        detail = (
+            f": {estimated}rel_diff {fmt(layer['rel_diff'])} > tolerance {fmt(layer['tolerance'])}"
+            if layer
+            else ""
+        )
         name = f" ({layer['name']})" if layer else ""
         lines.append(f"layers: first diverging hidden state {first}{name}{detail}")
     routed = [la for la in report["layers"] if la["routing"] is not None]

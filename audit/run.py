@@ -196,11 +196,25 @@ def _record_live(inputs: Inputs, args, journal=None) -> ReferenceRun:
         manifest={**contract, "stop_token_ids": list(inputs.stop_token_ids)},
         progress=not args.no_progress,
         journal=journal,
+        hidden_states=_hidden_states(args),
     )
 
 
+def _hidden_states(args, reference: ReferenceRun | None = None) -> int:
+    """``--hidden-states N`` (default :data:`audit.records.DEFAULT_HIDDEN_STATES`), or a bundle's own N."""
+    from audit.records import DEFAULT_HIDDEN_STATES
+
+    if reference is None:
+        return DEFAULT_HIDDEN_STATES if args.hidden_states is None else args.hidden_states
+    if args.hidden_states is not None:
+        raise AuditInputError(
+            f"{args.reference}: a bundle keeps the hidden states it was recorded with; drop --hidden-states"
+        )
+    return int(reference.manifest.get("hidden_states", 0))
+
+
 def record(args) -> int:
-    from audit.records import MANIFEST, save_bundle
+    from audit.records import MANIFEST, bundle_size, save_bundle
 
     if args.out.exists() and not (args.out / MANIFEST).is_file():
         raise AuditInputError(f"{args.out}: exists and is not a reference bundle; refusing to overwrite it")
@@ -209,8 +223,13 @@ def record(args) -> int:
     for warning in inputs.tokens.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     run = _record_live(inputs, args)
-    path = save_bundle(run, args.out)
-    print(f"reference bundle: {path} ({len(run.prompts)} prompts, {args.dtype})")
+    path = save_bundle(run, args.out, _hidden_states(args))
+    size = bundle_size(path)
+    print(
+        f"reference bundle: {path} ({len(run.prompts)} prompts, {args.dtype}; {size['bytes']:,} bytes, "
+        f"{size['per_token_bytes_per_position']:,.0f} bytes per position for every prompt, full hidden states of "
+        f"{len(size['full_hidden_states'])})"
+    )
     return 0
 
 
@@ -430,6 +449,7 @@ def compare(args, version: str) -> int:
 
     if args.reference is not None:
         reference = load_bundle(args.reference)
+        _hidden_states(args, reference)  # --hidden-states with a bundle: refused before any work
         inputs = Inputs.from_bundle(args, reference)
     else:
         inputs = Inputs.from_args(args)
@@ -439,7 +459,7 @@ def compare(args, version: str) -> int:
     contract = _contract(
         weights, inputs.tokens, inputs.prompts, inputs.dtype, args.seed, inputs.max_new_tokens
     )
-    settings = _settings(inputs, args)
+    settings = _settings(inputs, args, reference)
     journal = Journal.open(args.report, _journal_header(inputs, args, contract, settings, reference))
     if reference is None:
         reference = _record_live(inputs, args, journal)
@@ -459,16 +479,19 @@ def compare(args, version: str) -> int:
             journal=journal,
         )
         replay = _replay(inputs, args, model, jax_run, reference, batch_size)
+    layer_types = model.cfg.layer_types
+    del model  # before the reference may be loaded again
+    reference, recompute_warnings = _full_states_where_diverging(inputs, args, reference, jax_run)
     report = build_report(
         reference=reference,
         jax_run=jax_run,
         settings=settings,
         jax_manifest={**_jax_manifest(weights, contract, mesh), "batching": jax_run.batching},
-        layer_types=model.cfg.layer_types,
+        layer_types=layer_types,
         decode=lambda ids: inputs.tokens.tokenizer.decode([int(t) for t in ids]),
         tool_version=version,
         replay=replay,
-        warnings=inputs.tokens.warnings,
+        warnings=[*inputs.tokens.warnings, *recompute_warnings],
     )
     for difference in report["manifest"]["differences"]:
         print(
@@ -504,7 +527,22 @@ def batching_summary(batching: dict) -> str:
     )
 
 
-def _settings(inputs: Inputs, args) -> dict:
+def _full_states_where_diverging(inputs: Inputs, args, reference: ReferenceRun, jax_run):
+    """With a live reference, the full hidden states of each diverging prompt that did not keep them, recomputed;
+    a bundle's are not (the report then says they were not kept)."""
+    from audit.compare import full_states_needed
+
+    if args.reference is not None:
+        return reference, []
+    needed = full_states_needed(reference, jax_run, inputs.dtype)
+    if not needed:
+        return reference, []
+    from audit.reference import recompute_hidden
+
+    return recompute_hidden(inputs.checkpoint, inputs.dtype, reference, needed)
+
+
+def _settings(inputs: Inputs, args, reference: ReferenceRun | None = None) -> dict:
     return {
         "dtype": inputs.dtype,
         "seed": args.seed,
@@ -515,6 +553,7 @@ def _settings(inputs: Inputs, args) -> dict:
         "reference_source": "live" if args.reference is None else "bundle",
         "reasoning_split": args.reasoning_split,
         "sample": None if _sample(args) is None else {"n": args.sample, "seed": args.sample_seed},
+        "hidden_states": _hidden_states(args, reference),
     }
 
 

@@ -1,24 +1,44 @@
 """Greedy decode and prefill speed of the JAX model against HF transformers, on this CPU, same weights.
 
-    python bench/decode_vs_hf.py [--prompt 512] [--new 128] [--dtype both] [--repeats 5] [--json OUT]
+    python bench/decode_vs_hf.py [--prompt 512] [--new 128] [--dtype both] [--rounds 3] [--repeats 3]
+                                 [--agree 8] [--json OUT]
 
-Config (issue 3): hidden 512, 8 layers (3:1 DeltaNet:attention), 32 experts top-4, vocab 32k. Each side runs in
-its own subprocess, so that peak RSS is per side. Also prints decode throughput as a fraction of this machine's
-memory-bandwidth roofline: the bytes of weights one decode step must read (embedding row, lm_head, every non-expert
-weight, the top-k routed experts and the shared expert of each layer), over a read bandwidth measured in this run.
+Config (issue 3): hidden 512, 8 layers (3:1 DeltaNet:attention), 32 experts top-4, vocab 32k, random weights
+(transformers' init, std 0.02, seed 1234, saved in fp32; the bf16 runs load them in bf16 on both sides).
 
-Equal work on both sides. The prefill is what ``generate`` runs before decoding, on both sides: the whole prompt
-through the model, filling the decode state (HF: ``use_cache=True``), and the logits of the last position only
-(HF: ``logits_to_keep=1``; JAX: ``qwen_jax.generate._prefill``). The decode is ``--new`` greedy tokens: the first
-chosen from the prefill's logits, then ``--new`` - 1 model steps on both sides (HF: ``generate`` minus its prefill,
-measured as above; JAX: the compiled decode loop); decode tokens/s counts those ``--new`` - 1 steps on both sides.
-``--dtype both`` (the default) runs float32, then bfloat16.
+Equal work on both sides, each through its public greedy ``generate`` (batch 1, a random ``--prompt``-token prompt,
+attention mask of ones, no stop token):
+- **prefill** = ``generate(prompt, max_new_tokens=1)``: the prompt through the model, filling the decode state, the
+  last position's logits only (HF's ``generate`` passes ``logits_to_keep=1``; so does ``qwen_jax.generate``), and
+  the first greedy token. Speed: prompt tokens / seconds.
+- **decode** = ``generate(prompt, max_new_tokens=--new)`` minus that prefill, in the same repeat: ``--new`` - 1
+  model steps, each one token reading the KV cache / DeltaNet state. Speed: (``--new`` - 1) / seconds.
+- HF: ``Qwen3_5MoeForCausalLM`` with eager attention and eager experts (the audit's reference; the DeltaNet runs
+  transformers' torch fallback, the only CPU path: ``fla`` and ``causal_conv1d`` are GPU kernels), torch's default
+  thread count (one per core), and ``OMP_WAIT_POLICY=PASSIVE`` unless set (``bench/paired.py``: with libgomp's
+  spinning default, HF on a shared machine ran up to 10x slower, which made HF-bf16 look slow). JAX:
+  ``qwen_jax.load_hf`` and ``qwen_jax.generate`` (``max_length`` = prompt + new for both calls: one compiled
+  program each; the compile is in the warm-up).
 
-Each side runs ``--repeats`` times (speeds: the best run of each phase). On a shared machine the bandwidth varies
-from minute to minute, so the JAX side measures it right before each of its runs, and the fraction of the roofline
-is the median over its runs of (that run's decode speed) / (the bandwidth measured just before it). When those
-bandwidths differ by more than 20% (max/min), the load from other processes changed during the invocation, and a
-warning says that the fraction is unreliable.
+Each side runs in its own subprocess (peak RSS per side), and the sides alternate ``--rounds`` times (HF, JAX, HF,
+JAX, ...) so that a change in the machine's load hits both; each side warms up, then runs ``--repeats`` (prefill,
+decode) pairs. The summary gives per side the median tokens/s over all repeats of all rounds with the range, the
+ratio JAX / HF of the medians, and each round's ratio (the spread). ``--dtype both`` (the default) runs float32,
+then bfloat16.
+
+Greedy agreement (``--agree`` prompts, the timed one first, ``--new`` tokens each, generated once more with the
+logits kept): per sequence the first divergence, judged as the audit judges one (``audit.metrics``: a near-tie when
+each side's token is in the other's top 5, with both sides' log-prob gaps), and the largest |logit difference| at
+the first step (same prompt on both sides). In bf16 the same is reported for HF-bf16 against HF-fp32 (when fp32 ran
+in the same invocation): the reference's own bf16 error, which is the audit's yardstick (README, "Tolerances": a
+port as accurate as the reference is within 2x it). With random weights the logits are nearly flat (std ~0.5 over
+32k tokens), so bf16 rounding alone reorders the top tokens, on HF's side as on the project's.
+
+Also: decode throughput as a fraction of this machine's memory-bandwidth roofline: the bytes of weights one decode
+step must read (embedding row, lm_head, every non-expert weight, the top-k routed experts and the shared expert of
+each layer), over a read bandwidth measured right before each JAX run; the fraction is the median over the JAX runs
+of (that run's decode speed) / (the bandwidth just before it). When those bandwidths differ by more than 20%
+(max/min), the load from other processes changed, and a warning says that the fraction is unreliable.
 """
 
 from __future__ import annotations
@@ -26,12 +46,15 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import paired
 
 BENCH_CONFIG = dict(
     vocab_size=32000, hidden_size=512, num_hidden_layers=8,
@@ -58,81 +81,76 @@ def build_checkpoint(path: Path) -> None:
     model.save_pretrained(path, safe_serialization=True, save_original_format=False)
 
 
-def prompt_ids(n: int):
+def prompt_ids(n: int, rows: int = 1):
+    """``rows`` random prompts of ``n`` tokens (seed 0); row 0 is the timed prompt."""
     import numpy as np
 
-    return np.random.RandomState(0).randint(0, BENCH_CONFIG["vocab_size"], (1, n))
+    return np.random.RandomState(0).randint(0, BENCH_CONFIG["vocab_size"], (rows, n))
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_hf(path: str, n_prompt: int, n_new: int, dtype: str, repeats: int, out) -> None:
+def run_hf(path: str, n_prompt: int, n_new: int, dtype: str, repeats: int, agree: int, out) -> None:
+    paired.set_hf_cpu_environment()  # before torch starts its OpenMP runtime
     import torch
     from transformers import Qwen3_5MoeForCausalLM
 
     model = Qwen3_5MoeForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype), attn_implementation="eager", experts_implementation="eager"
     ).eval()
-    ids = torch.as_tensor(prompt_ids(n_prompt))
-    kwargs = dict(do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0)
-    with torch.no_grad():
-        model(ids[:, :64])  # warm-up
-        prefill, decode = float("inf"), float("inf")
-        for _ in range(repeats):  # best of each phase, as on the JAX side
-            t = time.perf_counter()
-            model(
-                ids, use_cache=True, logits_to_keep=1
-            )  # what generate's prefill computes, as on the JAX side
-            this_prefill = time.perf_counter() - t
-            t = time.perf_counter()
-            tokens = model.generate(ids, **kwargs)[0, n_prompt:].tolist()
-            decode = min(decode, time.perf_counter() - t - this_prefill)  # generate = a prefill, then decode
-            prefill = min(prefill, this_prefill)
-    out.put(dict(prefill_s=prefill, decode_s=decode, tokens=tokens, peak_rss_mb=peak_rss_mb()))
+    model.generation_config.eos_token_id = None  # no early stop: exactly the tokens asked for
+    prompts = torch.as_tensor(prompt_ids(n_prompt, max(agree, 1)))
+
+    def generate(ids, n: int, keep_logits: bool = False):
+        with torch.no_grad():
+            return model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, pad_token_id=0,
+                temperature=None, top_p=None, top_k=None, output_logits=keep_logits,
+                return_dict_in_generate=keep_logits,
+            )  # fmt: skip
+
+    timing = paired.timed_pairs(lambda n: generate(prompts[:1], n)[0, n_prompt:].tolist(), n_new - 1, repeats)
+    tokens, logits = [], []
+    for row in range(agree):
+        kept = generate(prompts[row : row + 1], n_new, keep_logits=True)
+        tokens.append(kept.sequences[0, n_prompt:].tolist())
+        logits.append(torch.stack(kept.logits)[:, 0].float().numpy())
+    out.put(dict(**timing, agree_tokens=tokens, agree_logits=logits, peak_rss_mb=peak_rss_mb(),
+                 settings=paired.hf_settings()))  # fmt: skip
 
 
-def run_jax(path: str, n_prompt: int, n_new: int, dtype: str, repeats: int, out) -> None:
+def run_jax(path: str, n_prompt: int, n_new: int, dtype: str, repeats: int, agree: int, out) -> None:
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
+    import numpy as np
 
-    import qwen_jax  # noqa: F401  (sets XLA flags before the backend starts)
-    from qwen_jax.generate import _decode_loop, _prefill
-    from qwen_jax.loading import load_hf
+    import qwen_jax
 
-    model = load_hf(path, dtype)
-    graphdef, params = nnx.split(model)
-    ids = prompt_ids(n_prompt).astype("int32")
-    mask = ids * 0 + 1
-    max_length = n_prompt + n_new
-    stop = jnp.asarray([-1], jnp.int32)
+    model = qwen_jax.load_hf(path, dtype)
+    prompts = prompt_ids(n_prompt, max(agree, 1)).astype("int32")
 
-    def once():
-        t = time.perf_counter()
-        logits, cache = _prefill(graphdef, params, ids, mask, max_length, "auto")
-        jax.block_until_ready(cache)
-        t_prefill = time.perf_counter() - t
-        t = time.perf_counter()
-        tokens, _, _, _ = _decode_loop(graphdef, params, logits, cache, n_new, stop, 0, "auto", False)
-        tokens = jax.block_until_ready(tokens)
-        return t_prefill, time.perf_counter() - t, tokens
+    def generate(ids, n: int, keep_logits: bool = False):
+        return qwen_jax.generate(
+            model, ids, max_new_tokens=n, stop_token_ids=(), max_length=n_prompt + n_new, pad_to_multiple=1,
+            return_logits=keep_logits,
+        )  # fmt: skip
 
     t = time.perf_counter()
-    once()
+    generate(prompts[:1], 1)
+    generate(prompts[:1], n_new)
     compile_s = time.perf_counter() - t
     peak_rss = peak_rss_mb()  # the model's own peak, before the bandwidth probe allocates its array
-    read_bandwidth = bandwidth_probe()
-    runs = []
-    for _ in range(repeats):
-        bandwidth = read_bandwidth()
-        runs.append((*once(), bandwidth))
-    prefill = min(r[0] for r in runs)  # best run of each phase
-    decode, tokens = min(r[1] for r in runs), runs[0][2]
-    out.put(dict(prefill_s=prefill, decode_s=decode, tokens=tokens[0, :n_new].tolist(), compile_s=compile_s,
-                 peak_rss_mb=peak_rss, decode_runs_s=[r[1] for r in runs],
-                 bandwidth_runs_gbs=[r[3] for r in runs]))  # fmt: skip
+    timing = paired.timed_pairs(  # the read bandwidth measured right before each (prefill, decode) pair
+        lambda n: generate(prompts[:1], n).tokens[0].tolist(), n_new - 1, repeats, bandwidth_probe()
+    )
+    tokens, logits = [], []
+    for row in range(agree):
+        kept = generate(prompts[row : row + 1], n_new, keep_logits=True)
+        tokens.append(kept.tokens[0].tolist())
+        logits.append(np.asarray(kept.logits[0], np.float32))
+    out.put(dict(**timing, agree_tokens=tokens, agree_logits=logits, compile_s=compile_s, peak_rss_mb=peak_rss,
+                 devices=str(jax.devices())))  # fmt: skip
 
 
 def bandwidth_probe(n_bytes: int = 1 << 28):
@@ -185,63 +203,116 @@ def in_subprocess(target, *args) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
-    result = queue.get()
+    while True:  # the side's result, or its exit code if it died without one
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(
+                    f"{target.__name__} exited with code {proc.exitcode} before reporting"
+                ) from None
     proc.join()
     return result
 
 
-def compare(path: str, dtype: str, n_prompt: int, n_new: int, repeats: int) -> dict:
-    """One dtype: both sides in their own subprocesses, then the ratios and the roofline, printed and returned."""
-    hf = in_subprocess(run_hf, path, n_prompt, n_new, dtype, repeats)
-    jx = in_subprocess(run_jax, path, n_prompt, n_new, dtype, repeats)
-    steps = n_new - 1  # model steps of the decode on both sides (the first token comes from the prefill)
-    decode_tps = {"hf": steps / hf["decode_s"], "jax": steps / jx["decode_s"]}
-    prefill_tps = {"hf": n_prompt / hf["prefill_s"], "jax": n_prompt / jx["prefill_s"]}
+def roofline(dtype: str, jax_runs: list[dict], decode_steps: int) -> dict:
+    """JAX decode speed against the memory-bandwidth roofline: each decode run against the bandwidth measured just
+    before it (median over the runs), and the bandwidths' spread."""
     step_bytes = decode_step_bytes(4 if dtype == "float32" else 2)
-    bandwidths = jx["bandwidth_runs_gbs"]
-    bandwidth = statistics.median(bandwidths)
-    roofline_tps = bandwidth * 1e9 / step_bytes
-    fractions = [  # each JAX run against the bandwidth measured just before it
-        steps / decode_s / (run_bandwidth * 1e9 / step_bytes)
-        for decode_s, run_bandwidth in zip(jx["decode_runs_s"], bandwidths, strict=True)
-    ]
-    bandwidth_spread = max(bandwidths) / min(bandwidths)
-    same = sum(a == b for a, b in zip(hf["tokens"], jx["tokens"], strict=False))
-    results = dict(
-        config=BENCH_CONFIG, dtype=dtype, prompt=n_prompt, new_tokens=n_new,
-        work="equal: prefill = prompt -> filled decode state + last-position logits; decode = new - 1 model steps",
-        decode_tokens_per_s=decode_tps, prefill_tokens_per_s=prefill_tps,
-        decode_ratio=decode_tps["jax"] / decode_tps["hf"], prefill_ratio=prefill_tps["jax"] / prefill_tps["hf"],
-        peak_rss_mb={"hf": hf["peak_rss_mb"], "jax": jx["peak_rss_mb"]}, jax_compile_s=jx["compile_s"],
-        decode_step_bytes=step_bytes, read_bandwidth_gbs=bandwidth,
-        read_bandwidth_runs_gbs=bandwidths, read_bandwidth_spread=bandwidth_spread, roofline_tokens_per_s=roofline_tps,
-        jax_decode_fraction_of_roofline=statistics.median(fractions), jax_decode_fraction_of_roofline_runs=fractions,
-        hf_decode_fraction_of_roofline=decode_tps["hf"] / roofline_tps, repeats=repeats,
-        greedy_tokens_equal=f"{same}/{n_new}",
+    runs = [(d, b) for r in jax_runs for d, b in zip(r["decode_s"], r["before_each"], strict=True)]
+    bandwidths = [b for _, b in runs]
+    fractions = [decode_steps / d / (b * 1e9 / step_bytes) for d, b in runs]
+    return dict(
+        decode_step_bytes=step_bytes, read_bandwidth_gbs=statistics.median(bandwidths),
+        read_bandwidth_runs_gbs=bandwidths, read_bandwidth_spread=max(bandwidths) / min(bandwidths),
+        roofline_tokens_per_s=statistics.median(bandwidths) * 1e9 / step_bytes,
+        jax_decode_fraction_of_roofline=statistics.median(fractions),
+        jax_decode_fraction_of_roofline_runs=fractions,
     )  # fmt: skip
-    print(f"[{dtype}] equal work on both sides: prefill with a filled decode state and last-position logits; "
-          f"{steps} decode steps")  # fmt: skip
-    print(
-        f"decode  tok/s: JAX {decode_tps['jax']:.1f}  HF {decode_tps['hf']:.1f}  ratio {results['decode_ratio']:.2f}x"
-    )
-    print(
-        f"prefill tok/s: JAX {prefill_tps['jax']:.0f}  HF {prefill_tps['hf']:.0f}  ratio {results['prefill_ratio']:.2f}x"
-    )
-    print(
-        f"roofline: {step_bytes / 1e6:.0f} MB/step at {bandwidth:.1f} GB/s (median; "
-        f"{min(bandwidths):.1f}-{max(bandwidths):.1f}) = {roofline_tps:.0f} tok/s; "
-        f"JAX {results['jax_decode_fraction_of_roofline']:.0%} (median of {repeats} runs, each against the "
-        f"bandwidth just before it: {min(fractions):.0%}-{max(fractions):.0%}), "
-        f"HF {results['hf_decode_fraction_of_roofline']:.0%}"
-    )
-    if bandwidth_spread > BUSY_SPREAD:
-        print(
-            f"warning: the read bandwidth moved by {bandwidth_spread - 1:.0%} between the JAX runs (the load from other "
-            "processes changed), so the fraction of the roofline is unreliable; run again on a quiet machine"
+
+
+def compare(path: str, dtype: str, args, reference_fp32: dict | None) -> dict:
+    """One dtype: the sides alternate ``args.rounds`` times, each in its own subprocess; speeds, ratios, roofline
+    and greedy agreement, printed and returned. ``reference_fp32``: HF-fp32's agreement run, to calibrate bf16."""
+    n_prompt, n_new, steps = args.prompt, args.new, args.new - 1
+    rounds = []
+    for i in range(args.rounds):
+        sides = {}
+        for side, target in (("hf", run_hf), ("jax", run_jax)):
+            print(f"[{dtype}] round {i + 1}/{args.rounds}: {side} ...", flush=True)
+            agree = args.agree if i == 0 else 0  # the agreement runs once, in the first round
+            sides[side] = in_subprocess(target, path, n_prompt, n_new, dtype, args.repeats, agree)
+        rounds.append(sides)
+    hf, jx = rounds[0]["hf"], rounds[0]["jax"]
+    speed = paired.summarise_speeds(rounds, n_prompt, steps)
+    roof = roofline(dtype, [r["jax"] for r in rounds], steps)
+    hf_roof = speed["decode_tokens_per_s"]["hf"] / roof["roofline_tokens_per_s"]
+    results = dict(
+        config=BENCH_CONFIG, dtype=dtype, prompt=n_prompt, new_tokens=n_new, rounds=args.rounds, repeats=args.repeats,
+        work="equal, through each side's public greedy generate: prefill = generate(prompt, 1 token) (filled decode "
+        "state, last-position logits, first token); decode = generate(prompt, new) - prefill = new - 1 model steps",
+        **speed, **roof, hf_decode_fraction_of_roofline=hf_roof,
+        peak_rss_mb={"hf": max(r["hf"]["peak_rss_mb"] for r in rounds),
+                     "jax": max(r["jax"]["peak_rss_mb"] for r in rounds)},
+        jax_compile_s=statistics.median(r["jax"]["compile_s"] for r in rounds), hf_settings=hf["settings"],
+        timed_tokens_equal=hf["tokens"] == jx["tokens"],
+    )  # fmt: skip
+    if args.agree:
+        results["greedy_agreement"] = paired.greedy_agreement(
+            hf["agree_tokens"], hf["agree_logits"], jx["agree_tokens"], jx["agree_logits"]
         )
-    print(f"peak RSS MB: JAX {jx['peak_rss_mb']:.0f}  HF {hf['peak_rss_mb']:.0f}; JAX compile {jx['compile_s']:.1f}s; "
-          f"greedy tokens equal {same}/{n_new}")  # fmt: skip
+    if args.agree and dtype != "float32" and reference_fp32 is not None:
+        reference = paired.greedy_agreement(
+            reference_fp32["agree_tokens"],
+            reference_fp32["agree_logits"],
+            hf["agree_tokens"],
+            hf["agree_logits"],
+        )
+        results["reference_bf16_vs_fp32_agreement"] = reference
+        results["first_step_logit_diff_over_reference_bf16_error"] = (
+            results["greedy_agreement"]["first_step_max_abs_logit_diff"]
+            / reference["first_step_max_abs_logit_diff"]
+        )
+    print_summary(results)
+    results["agreement_run"] = {"hf": hf, "jax": jx} if dtype == "float32" and args.agree else None
     return results
+
+
+def print_summary(r: dict) -> None:
+    def spread(ratios: list[float]) -> str:
+        return f"per round {min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "no complete round"
+
+    d, p = r["decode_tokens_per_s"], r["prefill_tokens_per_s"]
+    print(f"[{r['dtype']}] equal work (public generate on both sides); medians over {r['rounds']} alternating rounds "
+          f"x {r['repeats']} repeats; HF {r['hf_settings']}")  # fmt: skip
+    print(f"decode  tok/s: JAX {d['jax']:.1f} ({d['jax_range'][0]:.1f}-{d['jax_range'][1]:.1f})  HF {d['hf']:.1f} "
+          f"({d['hf_range'][0]:.1f}-{d['hf_range'][1]:.1f})  ratio {r['decode_ratio_jax_over_hf']:.2f}x "
+          f"({spread(r['decode_ratio_per_round'])})")  # fmt: skip
+    print(f"prefill tok/s: JAX {p['jax']:.0f} ({p['jax_range'][0]:.0f}-{p['jax_range'][1]:.0f})  HF {p['hf']:.0f} "
+          f"({p['hf_range'][0]:.0f}-{p['hf_range'][1]:.0f})  ratio {r['prefill_ratio_jax_over_hf']:.2f}x "
+          f"({spread(r['prefill_ratio_per_round'])})")  # fmt: skip
+    fractions, bandwidths = r["jax_decode_fraction_of_roofline_runs"], r["read_bandwidth_runs_gbs"]
+    print(f"roofline: {r['decode_step_bytes'] / 1e6:.0f} MB/step at {r['read_bandwidth_gbs']:.1f} GB/s (median; "
+          f"{min(bandwidths):.1f}-{max(bandwidths):.1f}) = {r['roofline_tokens_per_s']:.0f} tok/s; JAX "
+          f"{r['jax_decode_fraction_of_roofline']:.0%} ({min(fractions):.0%}-{max(fractions):.0%}), "
+          f"HF {r['hf_decode_fraction_of_roofline']:.0%}")  # fmt: skip
+    if r["read_bandwidth_spread"] > BUSY_SPREAD:
+        print(
+            f"warning: the read bandwidth moved by {r['read_bandwidth_spread'] - 1:.0%} between the JAX runs (the load "
+            "from other processes changed), so the fraction of the roofline is unreliable; run again on a quiet machine"
+        )
+    print(f"peak RSS MB: JAX {r['peak_rss_mb']['jax']:.0f}  HF {r['peak_rss_mb']['hf']:.0f}; JAX compile "
+          f"{r['jax_compile_s']:.1f}s")  # fmt: skip
+    if "greedy_agreement" in r:
+        a = r["greedy_agreement"]
+        print(f"greedy, JAX against HF: {a['summary']}; first-step max |logit diff| "
+              f"{a['first_step_max_abs_logit_diff']:.3g}")  # fmt: skip
+    if "reference_bf16_vs_fp32_agreement" in r:
+        a = r["reference_bf16_vs_fp32_agreement"]
+        print(f"greedy, HF-{r['dtype']} against HF-float32 (the reference's own rounding error): {a['summary']}; "
+              f"first-step max |logit diff| {a['first_step_max_abs_logit_diff']:.3g}; JAX's distance to HF is "
+              f"{r['first_step_logit_diff_over_reference_bf16_error']:.2f}x that (the audit allows 2x)")  # fmt: skip
 
 
 def main() -> int:
@@ -251,13 +322,23 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "both"), default="both")
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each side (speeds: the best run)")
+    parser.add_argument("--rounds", type=int, default=3, help="HF/JAX alternations per dtype (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="(prefill, decode) pairs per side and round")
+    parser.add_argument("--agree", type=int, default=8, help="prompts for the greedy agreement (0: none)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.new < 2 or args.rounds < 1 or args.repeats < 1 or args.agree < 0:
+        parser.error("--new must be >= 2, --rounds and --repeats >= 1, --agree >= 0")
     dtypes = ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)
+    paired.set_hf_cpu_environment()  # inherited by the sides' subprocesses
+    results, reference_fp32 = {}, None
     with tempfile.TemporaryDirectory() as tmp:
         build_checkpoint(Path(tmp))
-        results = {dtype: compare(tmp, dtype, args.prompt, args.new, args.repeats) for dtype in dtypes}
+        for dtype in dtypes:
+            results[dtype] = compare(tmp, dtype, args, reference_fp32)
+            if dtype == "float32" and results[dtype]["agreement_run"]:
+                reference_fp32 = results[dtype]["agreement_run"]["hf"]
+            results[dtype].pop("agreement_run")
     if args.json:
         tmp_json = args.json.with_suffix(args.json.suffix + ".tmp")
         tmp_json.write_text(json.dumps(results if len(results) > 1 else results[dtypes[0]], indent=2))

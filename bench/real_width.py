@@ -17,7 +17,9 @@ What is timed, with equal work on both sides, each through its public greedy ``g
 - **decode** = ``generate(prompt, max_new_tokens=65)`` minus that prefill, in the same repeat: 64 greedy decode
   steps, each one token through the model reading its KV cache / DeltaNet state. Speed: 64 / seconds.
 - HF: ``Qwen3_5MoeForCausalLM`` loaded as the audit's reference loads it (``audit.reference.load_reference_model``:
-  eager attention, eager experts), ``generate(do_sample=False)``, no EOS. JAX: ``qwen_jax.load_hf`` and
+  eager attention, eager experts), ``generate(do_sample=False)``, no EOS, torch's default threads (one per core)
+  with ``OMP_WAIT_POLICY=PASSIVE`` unless set (``bench/paired.py``: libgomp's spinning default made HF up to 10x
+  slower on a shared machine). JAX: ``qwen_jax.load_hf`` and
   ``qwen_jax.generate`` (greedy, ``stop_token_ids=()``, cache length 768 for both calls, so both reuse one
   compiled program). Each side warms up once (JAX compiles there), then runs ``--repeats`` (prefill, decode) pairs.
 - **peak RSS** of each side's own process (``VmHWM``: load, compile and the runs), over its parameters' bytes.
@@ -45,6 +47,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import paired
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "qwen_jax" / "data" / "qwen3_6_35b_a3b_config.json"
@@ -106,22 +110,6 @@ def build(path: Path) -> None:
     os.replace(tmp, path)
 
 
-def timed_pairs(generate_tokens, repeats: int) -> dict:
-    """Warm-up, then ``repeats`` x (prefill = generate 1 token, decode = generate NEW + 1 tokens - that prefill)."""
-    generate_tokens(1)
-    generate_tokens(NEW + 1)
-    prefill, decode = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        generate_tokens(1)
-        one = time.perf_counter() - t
-        t = time.perf_counter()
-        tokens = generate_tokens(NEW + 1)
-        prefill.append(one)
-        decode.append(time.perf_counter() - t - one)
-    return {"prefill_s": prefill, "decode_s": decode, "tokens": [int(x) for x in tokens]}
-
-
 def run_hf(path: Path, dtype: str, repeats: int) -> dict:
     import torch
 
@@ -152,10 +140,10 @@ def run_hf(path: Path, dtype: str, repeats: int) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "load_s": load_s,
-        **timed_pairs(generate_tokens, repeats),
+        **paired.timed_pairs(generate_tokens, NEW, repeats),
         "weight_bytes": weight_bytes,
         "peak_rss_bytes": own_peak_rss(),
-        "threads": torch.get_num_threads(),
+        "settings": paired.hf_settings(),
     }
 
 
@@ -178,7 +166,7 @@ def run_jax(path: Path, dtype: str, repeats: int) -> dict:
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     return {
         "load_s": load_s,
-        **timed_pairs(generate_tokens, repeats),
+        **paired.timed_pairs(generate_tokens, NEW, repeats),
         "weight_bytes": weight_bytes,
         "peak_rss_bytes": own_peak_rss(),
         "devices": str(jax.devices()),
@@ -220,30 +208,11 @@ def in_subprocess(side: str, path: Path, dtype: str, repeats: int) -> dict:
 
 
 def summarise(dtype: str, rounds: list[dict]) -> dict:
-    """Medians over every repeat of every round, per side; ratios JAX / HF of those; each round's ratios."""
+    """Speeds (``paired.summarise_speeds``: medians over every repeat of every round, per side; ratios JAX / HF of
+    those; each round's ratios), peak RSS over the weights, load seconds, greedy tokens before the first
+    difference."""
 
-    def speeds(side: str, phase: str, tokens: int, runs=None) -> list[float]:
-        runs = rounds if runs is None else runs
-        return [tokens / s for r in runs if "error" not in r[side] for s in r[side][f"{phase}_s"]]
-
-    out: dict = {"dtype": dtype}
-    for phase, tokens in (("prefill", PROMPT), ("decode", NEW)):
-        hf, jx = speeds("hf", phase, tokens), speeds("jax", phase, tokens)
-        if not hf or not jx:
-            continue
-        out[f"{phase}_tokens_per_s"] = {
-            "hf": statistics.median(hf),
-            "jax": statistics.median(jx),
-            "hf_range": [min(hf), max(hf)],
-            "jax_range": [min(jx), max(jx)],
-        }
-        out[f"{phase}_ratio_jax_over_hf"] = statistics.median(jx) / statistics.median(hf)
-        out[f"{phase}_ratio_per_round"] = [
-            statistics.median(speeds("jax", phase, tokens, [r]))
-            / statistics.median(speeds("hf", phase, tokens, [r]))
-            for r in rounds
-            if "error" not in r["hf"] and "error" not in r["jax"]
-        ]
+    out: dict = {"dtype": dtype, **paired.summarise_speeds(rounds, PROMPT, NEW)}
     for side in ("hf", "jax"):
         ok = [r[side] for r in rounds if "error" not in r[side]]
         if ok:
@@ -291,6 +260,7 @@ def main() -> int:
         print(json.dumps(run(args.cache, args.dtype, args.repeats)))
         return 0
 
+    paired.set_hf_cpu_environment()  # inherited by the sides' subprocesses
     if not (args.cache / "config.json").is_file():
         print(f"building the random 2-layer real-width checkpoint in {args.cache} (once) ...", flush=True)
         args.cache.parent.mkdir(parents=True, exist_ok=True)

@@ -129,24 +129,32 @@ def _flip_orbax_leaf(orbax: Path) -> None:
 
 def _fake_bundle(path: Path, ids: list[int]) -> Path:
     """A reference bundle of one prompt (the arrays are placeholders: these cases stop before comparing)."""
+    from audit.metrics import SKETCH_DIM, sketch_spec
     from audit.records import BUNDLE_FORMAT
 
     path.mkdir()
     (path / "manifest.json").write_text(
-        json.dumps({"bundle_format": BUNDLE_FORMAT, "dtype": "bfloat16", "max_new_tokens": 2})
+        json.dumps(
+            {
+                "bundle_format": BUNDLE_FORMAT,
+                "dtype": "bfloat16",
+                "max_new_tokens": 2,
+                "hidden_summary": sketch_spec(64),
+            }
+        )
     )
     (path / "prompts.json").write_text(json.dumps({"prompts": [{"name": "p", "text": "x", "ids": ids}]}))
     (path / "calibration.json").write_text(json.dumps({"calibration": None, "determinism": []}))
     n = len(ids) + 2
     arrays = {
         "0/tokens": np.zeros(n, np.int32),
-        "0/generated": np.zeros(2, np.int32),
         "0/hidden": np.zeros((9, n, 64), np.float32),
-        "0/experts": np.zeros((8, n, 4), np.int32),
+        "0/hidden_norms": np.zeros((9, n), np.float32),
+        "0/hidden_sketch": np.zeros((9, n, SKETCH_DIM), np.float32),
         "0/logit_ids": np.zeros((n, 4), np.int32),
         "0/logit_values": np.zeros((n, 4), np.float32),
         "0/logit_lse": np.zeros(n),
-        "0/router_ids": np.zeros((8, n, 5), np.int32),
+        "0/router_ids": np.zeros((8, n, 5), np.uint8),
         "0/router_probs": np.zeros((8, n, 5), np.float32),
         "0/prompt_len": np.asarray(len(ids)),
     }
@@ -538,27 +546,9 @@ def _runs(jax_hidden_nan_at=None, jax_logits_nan_at=None, ref_hidden_nan_at=None
 
 
 def _report(reference, jax_run) -> dict:
-    from audit.compare import build_report
+    from audit_reports import synthetic_report
 
-    settings = {
-        "dtype": "float32",
-        "seed": 0,
-        "max_new_tokens": 2,
-        "checkpoint": "c",
-        "jax_checkpoint": None,
-        "prompts_source": "test",
-        "reference_source": "live",
-        "reasoning_split": None,
-    }
-    return build_report(
-        reference=reference,
-        jax_run=jax_run,
-        settings=settings,
-        jax_manifest={"dtype": "float32"},
-        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-        decode=lambda ids: " ".join(map(str, ids)),
-        tool_version="test",
-    )
+    return synthetic_report(reference, jax_run)
 
 
 def test_agreeing_runs_agree():
