@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the JAX side's device mesh: ep=N or dp=D,ep=N (default: every local device on ep when there is more "
         "than one), or none for one device",
     )
+    compare.add_argument(
+        "--batch-size",
+        type=int,
+        help="prompts per batch on the JAX side (batch-invariant: the results do not depend on it; default: the "
+        "largest power of two up to 16 that the memory plan allows, see audit.batching)",
+    )
     compare.add_argument("--reference", type=Path, help="a reference bundle from `record` (no torch needed)")
     compare.add_argument("--report", type=Path, default=Path(DEFAULT_REPORT_DIR), help="report directory")
     record = sub.add_parser("record", help="run the PyTorch reference once and save a bundle")
@@ -104,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--limit must be at least 1")
     if args.sample is not None and args.sample < 1:
         parser.error("--sample must be at least 1")
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
     if args.hidden_states is not None and args.hidden_states < 0:
         parser.error("--hidden-states must be at least 0")
 

@@ -1,5 +1,6 @@
 """The determinism self-checks both sides run: the same computation twice (must be bitwise equal), and batch 1
-against the whole batch (reported; left padding is not expected to be bitwise)."""
+against a batch: reported for the reference (left padding is not expected to be bitwise), bitwise for the JAX side
+(its batch-invariant mode)."""
 
 from __future__ import annotations
 
@@ -35,12 +36,36 @@ def greedy_rerun_check(side: str, again: np.ndarray, first: np.ndarray) -> dict:
     }
 
 
-def batch_check(side: str, batch: Sequence[np.ndarray], single: Sequence[np.ndarray]) -> dict:
+def _tokens_check(
+    name: str, kind: str, batch: Sequence[np.ndarray], single: Sequence[np.ndarray], detail: str
+):
     same = sum(np.array_equal(a, b) for a, b in zip(batch, single, strict=True))
     return {
-        "name": f"{side} batch 1 vs batch {len(batch)}: greedy tokens",
-        "kind": "tolerance",
+        "name": name,
+        "kind": kind,
         "passed": same == len(batch),
         "max_abs": None,
-        "detail": f"{same}/{len(batch)} prompts identical (left padding; not expected to be bitwise)",
+        "detail": f"{same}/{len(batch)} {detail}",
     }
+
+
+def batch_check(side: str, batch: Sequence[np.ndarray], single: Sequence[np.ndarray]) -> dict:
+    return _tokens_check(
+        f"{side} batch 1 vs batch {len(batch)}: greedy tokens",
+        "tolerance",
+        batch,
+        single,
+        "prompts identical (left padding; not expected to be bitwise)",
+    )
+
+
+def batch_invariance_check(side: str, batch: Sequence[np.ndarray], single: Sequence[np.ndarray]) -> dict:
+    """The first prompts generated together in one batch, against their tokens from the run (batch-invariant mode:
+    must be bitwise equal, whatever batch size the run used)."""
+    return _tokens_check(
+        f"{side} batch invariance: the first {len(batch)} prompts in one batch",
+        "bitwise",
+        batch,
+        single,
+        "prompts' greedy tokens identical to the run's",
+    )

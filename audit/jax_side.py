@@ -1,6 +1,7 @@
 """The JAX side: the same prompts through qwen_jax, teacher-forced on the reference's tokens, and its own greedy
-decoding. Full logits are reduced to per-position metrics against the reference as soon as they are computed, so
-only one prompt's [T, vocab] logits are held at a time."""
+decoding, batched and bucketed (:mod:`audit.batching`) in qwen_jax's batch-invariant mode, so that the results do not
+depend on the batch size. Full logits are reduced to per-position metrics against the reference as soon as a batch
+is computed, so only one batch's [rows, T, vocab] logits are held at a time."""
 
 from __future__ import annotations
 
@@ -12,7 +13,19 @@ from tqdm import tqdm
 
 import qwen_jax
 from audit import determinism, metrics
+from audit.batching import (
+    Batch,
+    ProgramCount,
+    bucket_length,
+    budget_class,
+    describe,
+    plan_batches,
+    teacher_forced_rows,
+)
 from audit.records import ReferenceRun, SequenceRecord
+
+#: Prompts generated together by the batch-invariance self-check (whatever the batch size of the run).
+CHECK_ROWS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,27 +37,101 @@ class JaxRun:
     divergences: tuple[metrics.Divergence | None, ...]
     determinism: tuple[dict, ...]
     batch_outputs: tuple[tuple[int, ...], ...] | None
+    batching: dict | None = None  # audit.batching.describe: batch size, buckets, compiled programs
 
 
-def greedy(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_token_ids: Sequence[int]):
-    """Greedy tokens of each prompt (stop included), prefilled exactly as given (no bucketing: HF does none)."""
+def greedy_batch(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int],
+    *,
+    rows: int | None = None,
+    length: int | None = None,
+    max_length: int | None = None,
+) -> list[np.ndarray]:
+    """Greedy tokens of each prompt (stop included) from one batch-invariant ``generate`` call: the prompts right-
+    padded to ``length`` (default: the bucket of the longest), and ``rows - len(prompts)`` filler copies of the
+    first prompt, whose tokens are dropped; a decode state of ``max_length`` tokens (default: ``length`` plus the
+    budget class of ``max_new_tokens``). Each prompt's tokens are those it gets alone at batch 1."""
+    prompts = [[int(t) for t in p] for p in prompts]
+    length = length or bucket_length(max(len(p) for p in prompts))
+    rows = rows or len(prompts)
     out = qwen_jax.generate(
         model,
-        [list(p) for p in prompts],
+        prompts + [prompts[0]] * (rows - len(prompts)),
         max_new_tokens=max_new_tokens,
         stop_token_ids=tuple(stop_token_ids),
-        pad_to_multiple=1,
+        max_length=max_length or length + budget_class(max_new_tokens),
+        pad_to_multiple=length,
         pad_token_id=stop_token_ids[0],
+        batch_invariant=True,
     )
-    return [np.asarray(row[:n], np.int32) for row, n in zip(out.tokens, out.lengths, strict=True)]
+    return [
+        np.asarray(row[:n], np.int32)
+        for row, n in zip(out.tokens[: len(prompts)], out.lengths[: len(prompts)], strict=True)
+    ]
+
+
+def greedy(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    stop_token_ids: Sequence[int],
+    batch_size: int = 1,
+) -> list[np.ndarray]:
+    """Greedy tokens of each prompt (stop included), in bucketed batches of at most ``batch_size``
+    (:func:`audit.batching.plan_batches`); ``max_new_tokens`` one budget, or one per prompt (a batch generates
+    its largest: a prompt's tokens past its own budget are returned too)."""
+    budgets = (
+        [int(max_new_tokens)] * len(prompts)
+        if np.isscalar(max_new_tokens)
+        else [int(b) for b in max_new_tokens]
+    )
+    out: list[np.ndarray | None] = [None] * len(prompts)
+    for batch in plan_batches([len(p) for p in prompts], budgets, batch_size):
+        tokens = greedy_batch(
+            model,
+            [prompts[i] for i in batch.indices],
+            batch.budget,
+            stop_token_ids,
+            rows=batch.rows,
+            length=batch.length,
+            max_length=batch.max_length,
+        )
+        for i, generated in zip(batch.indices, tokens, strict=True):
+            out[i] = generated
+    return out
+
+
+def teacher_forced_batch(model, sequences: Sequence[np.ndarray], rows: int, length: int):
+    """One batch-invariant forward over ``sequences`` right-padded to ``length`` (``rows - len(sequences)`` filler
+    copies of the first): per sequence (logits [T, V] float32, hidden [n_states, T, H] float32, experts
+    [n_layers, T, k]), each bitwise what the sequence gets alone."""
+    ids = np.zeros((rows, length), np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    filled = [*sequences, *[sequences[0]] * (rows - len(sequences))]
+    for row, tokens in enumerate(filled):
+        ids[row, : len(tokens)] = tokens
+        mask[row, : len(tokens)] = 1
+    out = qwen_jax.forward(model, ids, mask, return_hidden_states=True, batch_invariant=True)
+    logits = np.asarray(out.logits, np.float32)
+    hidden = [np.asarray(h, np.float32) for h in out.hidden_states]
+    experts = [np.asarray(r.experts).reshape(rows, length, -1) for r in out.routing]  # [B*L, k] -> [B, L, k]
+    return [
+        (
+            logits[row, :n],
+            np.stack([h[row, :n] for h in hidden]),
+            np.stack([e[row, :n] for e in experts]),
+        )
+        for row, n in enumerate(len(t) for t in sequences)
+    ]
 
 
 def teacher_forced(model, tokens: np.ndarray):
-    """(logits [T, V] float32, hidden [n_states, T, H] float32, experts [n_layers, T, k])."""
-    out = qwen_jax.forward(model, np.asarray(tokens, np.int32)[None], return_hidden_states=True)
-    hidden = np.stack([np.asarray(h[0], np.float32) for h in out.hidden_states])
-    experts = np.stack([np.asarray(r.experts) for r in out.routing])
-    return np.asarray(out.logits[0], np.float32), hidden, experts
+    """(logits [T, V] float32, hidden [n_states, T, H] float32, experts [n_layers, T, k]) of one sequence."""
+    tokens = np.asarray(tokens, np.int32)
+    return teacher_forced_batch(model, [tokens], 1, bucket_length(len(tokens)))[0]
 
 
 def _divergence(ref: SequenceRecord, generated: np.ndarray, logits: np.ndarray) -> metrics.Divergence | None:
@@ -55,68 +142,113 @@ def _divergence(ref: SequenceRecord, generated: np.ndarray, logits: np.ndarray) 
     return metrics.judge_divergence(d, int(ref.generated[d]), int(generated[d]), ref.logits, logits, at)
 
 
+def _from_journal(entry: dict) -> dict:
+    divergence = entry["divergence"]
+    return {
+        "generated": entry["generated"],
+        "hidden": entry["hidden"],
+        "experts": entry["experts"],
+        "metrics": entry["metrics"],
+        "divergence": None if divergence is None else metrics.Divergence(**divergence),
+        "bitwise": tuple(entry["bitwise"]),
+    }
+
+
+def _journal_entry(result: dict) -> dict:
+    divergence = result["divergence"]
+    return {**result, "divergence": None if divergence is None else dataclasses.asdict(divergence)}
+
+
+def _forced_batches(batch: Batch, indices: Sequence[int], reference: ReferenceRun, cfg, budget_bytes):
+    """The teacher-forced batches of one greedy batch: its items' reference sequences, bucketed by the longest,
+    in the greedy batch's row count (or fewer rows when ``budget_bytes`` caps the outputs)."""
+    length = bucket_length(max(len(reference.sequences[i].tokens) for i in indices))
+    rows = batch.rows if budget_bytes is None else teacher_forced_rows(cfg, batch.rows, length, budget_bytes)
+    return [Batch(tuple(indices[k : k + rows]), rows, length, 0, None) for k in range(0, len(indices), rows)]
+
+
 def run_jax(
     model,
     reference: ReferenceRun,
     *,
     max_new_tokens: int,
     stop_token_ids: Sequence[int],
+    batch_size: int = 1,
+    teacher_forced_bytes: int | None = None,
     progress: bool = True,
     journal=None,
 ) -> JaxRun:
-    """The JAX side on every prompt. With an :class:`audit.journal.Journal`, each prompt's results are journaled
-    as it finishes and the prompts already journaled are not run again."""
-    sequences, position_metrics, divergences, bitwise = [], [], [], []
+    """The JAX side on every prompt, in batches of at most ``batch_size`` (:mod:`audit.batching`); the results do
+    not depend on it. ``teacher_forced_bytes`` caps the outputs of one teacher-forced batch (None: no cap). With
+    an :class:`audit.journal.Journal`, each prompt's results are journaled as its batch finishes and the prompts
+    already journaled are not run again."""
+    n = len(reference.prompts)
     done = {} if journal is None else journal.done("jax")
-    for index, (prompt, ref) in enumerate(
-        tqdm(
-            list(zip(reference.prompts, reference.sequences, strict=True)),
-            desc="jax",
-            disable=not progress,
-            leave=False,
-        )
-    ):
-        if index in done:
-            entry = done[index]
-            generated, hidden, experts = entry["generated"], entry["hidden"], entry["experts"]
-            position_metrics.append(entry["metrics"])
-            divergences.append(
-                None if entry["divergence"] is None else metrics.Divergence(**entry["divergence"])
+    results = {index: _from_journal(entry) for index, entry in done.items()}
+    pending = [i for i in range(n) if i not in results]
+    plan = plan_batches(
+        [len(reference.prompts[i].ids) for i in pending], [max_new_tokens] * len(pending), batch_size
+    )
+    forced_plan = []
+    bar = tqdm(total=n, initial=n - len(pending), desc="jax", disable=not progress, leave=False)
+    with ProgramCount() as programs:
+        for batch in plan:
+            indices = [pending[k] for k in batch.indices]
+            generated = greedy_batch(
+                model,
+                [reference.prompts[i].ids for i in indices],
+                batch.budget,
+                stop_token_ids,
+                rows=batch.rows,
+                length=batch.length,
+                max_length=batch.max_length,
             )
-            bitwise.append(tuple(entry["bitwise"]))
-        else:
-            generated = greedy(model, [prompt.ids], max_new_tokens, stop_token_ids)[0]
-            logits, hidden, experts = teacher_forced(model, ref.tokens)
-            bitwise.append(determinism.run_pair(logits, teacher_forced(model, ref.tokens)[0]))
-            position_metrics.append(metrics.per_position_logit_metrics(ref.logits, logits))
-            divergences.append(_divergence(ref, generated, logits))
-            if journal is not None:
-                journal.append(
-                    "jax",
-                    index,
-                    {
-                        "generated": generated,
+            generated = dict(zip(indices, generated, strict=True))
+            for forced in _forced_batches(batch, indices, reference, model.cfg, teacher_forced_bytes):
+                forced_plan.append(forced)
+                tokens = [reference.sequences[i].tokens for i in forced.indices]
+                first = teacher_forced_batch(model, tokens, forced.rows, forced.length)
+                second = teacher_forced_batch(model, tokens, forced.rows, forced.length)
+                for i, (logits, hidden, experts), again in zip(forced.indices, first, second, strict=True):
+                    ref = reference.sequences[i]
+                    results[i] = {
+                        "generated": generated[i],
                         "hidden": hidden,
                         "experts": experts,
-                        "metrics": position_metrics[-1],
-                        "divergence": None
-                        if divergences[-1] is None
-                        else dataclasses.asdict(divergences[-1]),
-                        "bitwise": bitwise[-1],
-                    },
+                        "metrics": metrics.per_position_logit_metrics(ref.logits, logits),
+                        "divergence": _divergence(ref, generated[i], logits),
+                        "bitwise": determinism.run_pair(logits, again[0]),
+                    }
+                    if journal is not None:
+                        journal.append("jax", i, _journal_entry(results[i]))
+                    bar.update(1)
+        bar.close()
+        sequences = [
+            SequenceRecord(ref.prompt_len, ref.tokens, results[i]["generated"], results[i]["hidden"],
+                           results[i]["experts"])
+            for i, ref in enumerate(reference.sequences)
+        ]  # fmt: skip
+        checks = [determinism.logits_check("jax", [results[i]["bitwise"] for i in range(n)])]
+        again = greedy_batch(model, [reference.prompts[0].ids], max_new_tokens, stop_token_ids)[0]
+        checks.append(determinism.greedy_rerun_check("jax", again, sequences[0].generated))
+        batch_outputs = None
+        if n > 1:
+            first = range(min(n, CHECK_ROWS))
+            batch_outputs = greedy_batch(
+                model, [reference.prompts[i].ids for i in first], max_new_tokens, stop_token_ids
+            )
+            checks.append(
+                determinism.batch_invariance_check(
+                    "jax", batch_outputs, [sequences[i].generated for i in first]
                 )
-        sequences.append(SequenceRecord(ref.prompt_len, ref.tokens, generated, hidden, experts))
-    checks = [determinism.logits_check("jax", bitwise)]
-    again = greedy(model, [reference.prompts[0].ids], max_new_tokens, stop_token_ids)[0]
-    checks.append(determinism.greedy_rerun_check("jax", again, sequences[0].generated))
-    batch = None
-    if len(reference.prompts) > 1:
-        batch = greedy(model, [p.ids for p in reference.prompts], max_new_tokens, stop_token_ids)
-        checks.append(determinism.batch_check("jax", batch, [s.generated for s in sequences]))
+            )
     return JaxRun(
         sequences=tuple(sequences),
-        position_metrics=tuple(position_metrics),
-        divergences=tuple(divergences),
+        position_metrics=tuple(results[i]["metrics"] for i in range(n)),
+        divergences=tuple(results[i]["divergence"] for i in range(n)),
         determinism=tuple(checks),
-        batch_outputs=None if batch is None else tuple(tuple(int(t) for t in b) for b in batch),
+        batch_outputs=None
+        if batch_outputs is None
+        else tuple(tuple(int(t) for t in b) for b in batch_outputs),
+        batching=describe(batch_size, plan, forced_plan, programs),
     )

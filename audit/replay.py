@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from audit.batching import plan_batches
 from audit.metrics import first_divergence
 from audit.samples import (
     Sample,
@@ -543,6 +544,7 @@ def replay_samples(
     reasoning_split: ReasoningSplit | str = DEFAULT_REASONING_SPLIT,
     enable_thinking: bool | None = None,
     batch_size: int = 1,
+    bucket: Callable[[int], int] | None = None,
     limit: int | None = None,
     stop_token_ids: Collection[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -560,6 +562,10 @@ def replay_samples(
         reasoning_split: how the server split reasoning from content (recorded in the result).
         enable_thinking: passed to the chat template when not ``None`` (recorded in the result).
         batch_size: prompts per ``generate`` call.
+        bucket: ``None``: each call's prompts share one budget (in file order). Else the padded length of a
+            prompt (:func:`audit.batching.bucket_length`): each call's prompts share a bucket and have similar
+            budgets (the call asks for the largest; each item is cut at its own), and every call of a bucket has
+            the same number of prompts, filled with copies of the first (:func:`audit.batching.plan_batches`).
         limit: replay only the first ``limit`` samples of each file.
         sample: ``(n, seed)``: replay a random subset of ``n`` samples of each file (:func:`select_samples`).
         stop_token_ids: ids that end a generation (default: ``<|im_end|>``, ``<|endoftext|>`` and the
@@ -583,6 +589,7 @@ def replay_samples(
         reasoning_split=reasoning_split,
         enable_thinking=enable_thinking,
         batch_size=batch_size,
+        bucket=bucket,
         limit=limit,
         stop_token_ids=stop_token_ids,
         progress=progress,
@@ -601,6 +608,7 @@ def _replay(
     reasoning_split: ReasoningSplit | str = DEFAULT_REASONING_SPLIT,
     enable_thinking: bool | None = None,
     batch_size: int = 1,
+    bucket: Callable[[int], int] | None = None,
     limit: int | None = None,
     stop_token_ids: Collection[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -651,26 +659,25 @@ def _replay(
         ]
         per_file.append((sf, prepared))
 
-    # Generate in batches of prompts that share a token budget, in file order.
+    # Generate in batches (audit.batching.plan_batches): without a bucket, batches of prompts that share a token
+    # budget; with one, of prompts that share a length bucket, sorted by budget, filled to one row count per
+    # bucket with copies of their first prompt (their outputs dropped).
     queue = [p for _, prepared in per_file for p in prepared]
     outputs: dict[int, list[int]] = {}
     done = 0
-    start = 0
-    while start < len(queue):
-        budget = queue[start].budget
-        end = start
-        while end < len(queue) and end - start < batch_size and queue[end].budget == budget:
-            end += 1
-        batch = queue[start:end]
-        generated = generate([list(p.prompt_ids) for p in batch], budget)
-        if len(generated) != len(batch):
-            raise ValueError(f"generate returned {len(generated)} results for {len(batch)} prompts")
-        for k, ids in enumerate(generated):
-            outputs[start + k] = list(ids)
-        done += len(batch)
+    for batch in plan_batches(
+        [len(p.prompt_ids) for p in queue], [p.budget for p in queue], batch_size, bucket
+    ):
+        prompts = [list(queue[i].prompt_ids) for i in batch.indices]
+        prompts += [prompts[0]] * (batch.rows - len(prompts))
+        generated = generate(prompts, batch.budget)
+        if len(generated) != len(prompts):
+            raise ValueError(f"generate returned {len(generated)} results for {len(prompts)} prompts")
+        for i, ids in zip(batch.indices, generated, strict=False):
+            outputs[i] = list(ids)
+        done += len(batch.indices)
         if progress is not None:
             progress(done, len(queue))
-        start = end
 
     tasks: list[TaskReplay] = []
     items: list[ItemReplay] = []

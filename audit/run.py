@@ -291,14 +291,16 @@ def _weights_bytes(weights: Path, dtype: str, plan) -> int:
     return sum(math.prod(entry["shape"]) for entry in read_manifest(weights)["leaves"]) * itemsize
 
 
-def preflight(inputs: Inputs, weights: Path, live: bool) -> None:
+def preflight(inputs: Inputs, weights: Path, live: bool, batch_size: int | None = 1) -> int:
     """Everything that can be checked before either side runs, cheapest first: each prompt plus the new tokens
     within the model's context; the JAX weights directory (an Orbax conversion in bfloat16 is refused for a float32
     audit); the strict checkpoint validation (:func:`validate_hf_checkpoint`) of the checkpoint the reference loads
-    (``live``) and of HF weights for the JAX side; and the memory the JAX run needs (its weights plus the decode
-    state of the batched greedy run) against what is free."""
+    (``live``) and of HF weights for the JAX side; and the memory the JAX run needs (its weights plus, per row of a
+    batch, the decode state and the teacher-forced outputs: :func:`audit.batching.row_bytes`) against what is free.
+    Returns the JAX side's batch size: ``batch_size``, or when ``None`` the memory plan's
+    (:func:`audit.batching.default_batch_size`)."""
     from qwen_jax.config import ConfigError, ModelConfig
-    from qwen_jax.limits import check_context, check_memory, decode_state_bytes, free_memory_bytes
+    from qwen_jax.limits import check_context, check_memory, free_memory_bytes
 
     try:
         cfg = ModelConfig.from_json(
@@ -330,17 +332,24 @@ def preflight(inputs: Inputs, weights: Path, live: bool) -> None:
         plan = validate_hf_checkpoint(weights, inputs.dtype)
     import jax.numpy as jnp
 
-    batch = len(inputs.prompts)
-    length = max(len(p.ids) for p in inputs.prompts) + inputs.max_new_tokens
-    need = _weights_bytes(weights, inputs.dtype, None if orbax else plan)
-    need += decode_state_bytes(cfg, batch, length, jnp.dtype(inputs.dtype))
+    from audit.batching import default_batch_size, row_bytes
+
+    dtype = jnp.dtype(inputs.dtype)
+    longest = max(len(p.ids) for p in inputs.prompts)
+    weights_bytes = _weights_bytes(weights, inputs.dtype, None if orbax else plan)
     free, where = free_memory_bytes()
+    if batch_size is None:
+        batch_size = default_batch_size(cfg, dtype, longest, inputs.max_new_tokens, weights_bytes, free)
+    batch = min(batch_size, len(inputs.prompts))
+    need = weights_bytes + batch * row_bytes(cfg, dtype, longest, inputs.max_new_tokens)
     check_memory(
         need,
         free,
         where,
-        f"the run ({batch} prompts of up to {length} tokens: the weights and the decode state)",
+        f"the run ({batch} prompt(s) a batch of up to {longest + inputs.max_new_tokens} tokens: the weights, the "
+        "decode state and the teacher-forced outputs)",
     )
+    return batch_size
 
 
 def _jax_manifest(weights: Path, inputs_like: dict, mesh=None) -> dict:
@@ -378,27 +387,30 @@ def _reference_replies(reference: ReferenceRun, jax_run):
     return ReferenceReplies(generated=generated, near_tie=near_tie)
 
 
-def _replay(inputs: Inputs, args, model, jax_run, reference: ReferenceRun) -> dict | None:
-    """The replay of logged samples, reusing the JAX greedy outputs already made for the same prompts."""
+def _replay(inputs: Inputs, args, model, jax_run, reference: ReferenceRun, batch_size: int) -> dict | None:
+    """The replay of logged samples, reusing the JAX greedy outputs already made for the same prompts (any other is
+    generated in bucketed batches of ``batch_size``)."""
     if inputs.samples is None:
         return None
     from audit import jax_side
+    from audit.batching import bucket_length
     from audit.replay import replay_samples, replay_submission
     from audit.samples import SamplesError
 
+    # The JAX side's greedy tokens of every prompt at the full budget: a prompt's tokens under a smaller budget are
+    # their prefix (greedy, batch-invariant: the decode state's length changes nothing), as the replay cuts them.
     done = {
-        (tuple(p.ids), inputs.max_new_tokens): list(s.generated)
-        for p, s in zip(reference.prompts, jax_run.sequences, strict=True)
+        tuple(p.ids): list(s.generated) for p, s in zip(reference.prompts, jax_run.sequences, strict=True)
     }
+    budget = {tuple(p.ids): inputs.max_new_tokens for p in reference.prompts}
 
     def generate(prompts, max_new_tokens):
-        missing = [p for p in prompts if (tuple(p), max_new_tokens) not in done]
+        missing = [p for p in prompts if budget.get(tuple(p), 0) < max_new_tokens]
         if missing:
-            for p, out in zip(
-                missing, jax_side.greedy(model, missing, max_new_tokens, inputs.stop_token_ids), strict=True
-            ):
-                done[(tuple(p), max_new_tokens)] = list(out)
-        return [done[(tuple(p), max_new_tokens)] for p in prompts]
+            tokens = jax_side.greedy(model, missing, max_new_tokens, inputs.stop_token_ids, batch_size)
+            for p, out in zip(missing, tokens, strict=True):
+                done[tuple(p)], budget[tuple(p)] = list(out), max_new_tokens
+        return [done[tuple(p)] for p in prompts]
 
     kwargs = dict(
         tokenizer=inputs.tokens.tokenizer,
@@ -406,6 +418,8 @@ def _replay(inputs: Inputs, args, model, jax_run, reference: ReferenceRun) -> di
         generate=generate,
         max_new_tokens=inputs.max_new_tokens,
         stop_token_ids=inputs.stop_token_ids,
+        batch_size=batch_size,
+        bucket=bucket_length,
         limit=args.limit,
         sample=_sample(args),
         reference=_reference_replies(reference, jax_run),
@@ -441,7 +455,7 @@ def compare(args, version: str) -> int:
         inputs = Inputs.from_args(args)
         reference = None
     weights = inputs.checkpoint if args.jax_checkpoint is None else args.jax_checkpoint
-    preflight(inputs, weights, live=reference is None)
+    batch_size = preflight(inputs, weights, live=reference is None, batch_size=args.batch_size)
     contract = _contract(
         weights, inputs.tokens, inputs.prompts, inputs.dtype, args.seed, inputs.max_new_tokens
     )
@@ -459,10 +473,12 @@ def compare(args, version: str) -> int:
             reference,
             max_new_tokens=inputs.max_new_tokens,
             stop_token_ids=inputs.stop_token_ids,
+            batch_size=batch_size,
+            teacher_forced_bytes=_teacher_forced_bytes(),
             progress=not args.no_progress,
             journal=journal,
         )
-        replay = _replay(inputs, args, model, jax_run, reference)
+        replay = _replay(inputs, args, model, jax_run, reference, batch_size)
     layer_types = model.cfg.layer_types
     del model  # before the reference may be loaded again
     reference, recompute_warnings = _full_states_where_diverging(inputs, args, reference, jax_run)
@@ -470,7 +486,7 @@ def compare(args, version: str) -> int:
         reference=reference,
         jax_run=jax_run,
         settings=settings,
-        jax_manifest=_jax_manifest(weights, contract, mesh),
+        jax_manifest={**_jax_manifest(weights, contract, mesh), "batching": jax_run.batching},
         layer_types=layer_types,
         decode=lambda ids: inputs.tokens.tokenizer.decode([int(t) for t in ids]),
         tool_version=version,
@@ -485,8 +501,30 @@ def compare(args, version: str) -> int:
         )
     paths = write_report(report, args.report)
     print(terminal_summary(report))
+    print(batching_summary(jax_run.batching))
     print(f"report: {paths.html} and {paths.json}")
     return report["verdict"]["exit_code"]
+
+
+def _teacher_forced_bytes() -> int | None:
+    """What one teacher-forced batch's outputs may take: a quarter of the memory free now (the weights loaded)."""
+    from qwen_jax.limits import free_memory_bytes
+
+    free, _ = free_memory_bytes()
+    return None if free is None else free // 4
+
+
+def batching_summary(batching: dict) -> str:
+    """One terminal line: the JAX side's batch size, buckets and compiled programs."""
+    programs = ", ".join(
+        f"{name.split('.')[-1].strip('_')} {n}" for name, n in batching["compiled_programs"].items()
+    )
+    return (
+        f"jax batching: batch size {batching['batch_size']}, {batching['greedy_batches']} greedy batches in "
+        f"{len(batching['greedy_buckets'])} bucket(s), {batching['teacher_forced_batches']} teacher-forced batches "
+        f"in {len(batching['teacher_forced_buckets'])}; compiled programs {batching['compiled_programs_total']}"
+        + (f" ({programs})" if programs else "")
+    )
 
 
 def _full_states_where_diverging(inputs: Inputs, args, reference: ReferenceRun, jax_run):

@@ -27,8 +27,10 @@ PROMPTS = [{"name": f"p{k}", "messages": [{"role": "user", "content": f"Вопр
 
 
 def without_timestamps(value):
+    """Also without the JAX side's batching summary (manifest.jax.batching): a resumed run compiles and runs only
+    the batches it has left, so its batch and program counts are its own."""
     if isinstance(value, dict):
-        return {k: without_timestamps(v) for k, v in value.items() if k != "created"}
+        return {k: without_timestamps(v) for k, v in value.items() if k not in ("created", "batching")}
     if isinstance(value, list):
         return [without_timestamps(v) for v in value]
     return value
