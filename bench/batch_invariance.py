@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_vs_hf import BENCH_CONFIG, build_checkpoint  # noqa: E402  (the bench config, one definition)
+from decode_vs_hf import BENCH_CONFIG, build_checkpoint
 
 HEADLINE_BATCH = 16
 TARGET = 4.0
@@ -33,7 +33,9 @@ TARGET = 4.0
 def prompts(batch: int, n_prompt: int):
     import numpy as np
 
-    return np.random.RandomState(batch).randint(0, BENCH_CONFIG["vocab_size"], (batch, n_prompt)).astype("int32")
+    return (
+        np.random.RandomState(batch).randint(0, BENCH_CONFIG["vocab_size"], (batch, n_prompt)).astype("int32")
+    )
 
 
 def measure(model, ids, n_new: int, invariant: bool, repeats: int) -> dict:
@@ -137,7 +139,9 @@ def run(path: str, dtype: str, batches: list[int], n_prompt: int, n_new: int, re
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--batches", default="1,8,16,32")
