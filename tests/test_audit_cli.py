@@ -132,6 +132,7 @@ def test_an_altered_expert_is_caught_and_localised(demo_dir, tmp_path):
     assert replay is not None and replay["tasks"][0]["items"] == 2 and len(replay["items"]) == 2
 
 
+@pytest.mark.slow  # (test budget: ~57 s; tests/test_records.py checks a demo bundle in the default run)
 def test_bundle_round_trip_without_torch(demo_dir, prompts_file, tmp_path):
     """record (torch) -> compare --reference in a process where importing torch fails, with the JAX side from an
     Orbax conversion (same checkpoint digest as its source). A changed seed is a contract difference: warned about

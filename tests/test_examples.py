@@ -76,6 +76,7 @@ def test_expert_usage_example(demo_cache, tmp_path):
         assert layer["unused"] == layer["counts"].count(0)
 
 
+@pytest.mark.slow  # (test budget: ~18 s; the expert-usage example stays in the default run)
 def test_attribution_example(demo_cache, tmp_path):
     """At position 20 of the greeting: the reported log-probability is the model's own (an ordinary forward
     agrees), every position after 20 gets exactly zero, and integrated gradients nearly add up to

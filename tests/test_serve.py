@@ -245,6 +245,7 @@ def _write_task(directory: Path, instructions: list[str], max_gen_toks: int) -> 
     (directory / "serve_smoke_utils.py").write_text(TASK_UTILS, encoding="utf-8")
 
 
+@pytest.mark.slow  # (test budget: ~51 s)
 def test_lm_eval_through_the_server_and_the_audit_reproduces_every_reply(
     server, demo_dir, tokenizer, tmp_path
 ):
