@@ -16,7 +16,7 @@ from flax import nnx
 
 from qwen_jax.cache import KVCache, TokenContext
 from qwen_jax.config import ModelConfig
-from qwen_jax.invariance import batch_invariant, isolated, opaque_map
+from qwen_jax.invariance import batch_invariant, isolated, opaque_map, zero_padded
 from qwen_jax.norms import rms_norm
 from qwen_jax.ops import F32, dense, sigmoid, split_columns, tie_to
 from qwen_jax.rope import apply_rope
@@ -261,8 +261,7 @@ class GatedAttention(nnx.Module):
         q, k, v, gate = self.project_qkv(x, context.cos, context.sin)
         invariant = batch_invariant()
         if invariant and not context.decoding:
-            real = context.attention_mask[:, :, None, None] > 0
-            k, v = jnp.where(real, k, 0).astype(k.dtype), jnp.where(real, v, 0).astype(v.dtype)
+            k, v = zero_padded((k, v), context.attention_mask)
         if cache is not None:
             cache = write_cache(cache, k, v, context.cache_start)
         if invariant and context.decoding:

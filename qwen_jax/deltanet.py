@@ -16,7 +16,7 @@ from flax import nnx
 from qwen_jax.cache import DeltaNetState, TokenContext
 from qwen_jax.config import ModelConfig
 from qwen_jax.delta_rule import chunked_delta_rule, delta_rule_step
-from qwen_jax.invariance import batch_invariant, fence, map_row_tiles, map_rows
+from qwen_jax.invariance import batch_invariant, map_row_tiles, map_rows, zero_padded
 from qwen_jax.norms import gated_rms_norm
 from qwen_jax.ops import F32, dense, sigmoid, silu, split_columns, torch_softplus
 
@@ -31,8 +31,7 @@ def causal_conv(x: jax.Array, weight: jax.Array, history: jax.Array) -> tuple[ja
     kernel = weight.shape[0]
     padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)
     length = x.shape[1]
-    products = fence(*(padded[:, j : j + length].astype(F32) * weight[j].astype(F32) for j in range(kernel)))
-    acc = sum(products)  # (fenced in the batch-invariant mode: no fused multiply-adds in some programs only)
+    acc = sum(padded[:, j : j + length].astype(F32) * weight[j].astype(F32) for j in range(kernel))
     return silu(acc.astype(x.dtype)), padded[:, padded.shape[1] - (kernel - 1) :]
 
 
@@ -42,15 +41,6 @@ def history_at_lengths(x: jax.Array, history: jax.Array, lengths: jax.Array) -> 
     padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)
     window = history.shape[1]
     return jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, window, 0))(padded, lengths)
-
-
-def zero_padded(arrays: tuple[jax.Array, ...], pad_mask: jax.Array) -> tuple[jax.Array, ...]:
-    """The delta rule's inputs [B, L, ...] with exact zeros at padded positions: q = k = v = beta = 0 and a log
-    decay g = 0 leave the state bit for bit as it was, as the chunked form's own padding does."""
-    real = pad_mask > 0
-    return tuple(
-        jnp.where(real.reshape(*real.shape, *(1,) * (a.ndim - 2)), a, 0).astype(a.dtype) for a in arrays
-    )
 
 
 def l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -73,8 +73,7 @@ def isolated(fn: Callable, *operands: jax.Array) -> object:
 
 def fence(*values):
     """``values`` (pytrees of arrays) behind an optimization barrier in the batch-invariant mode, unchanged
-    otherwise: a layer's blocks, and the products before a sum, are not merged with their neighbours while XLA
-    simplifies (a precaution, as :func:`isolated`; not sufficient alone, see the module's status)."""
+    otherwise: a layer's blocks are not merged with their neighbours while XLA simplifies (a precaution, as :func:`isolated`; not sufficient alone, see the module's status)."""
     return jax.lax.optimization_barrier(values) if batch_invariant() else values
 
 
@@ -129,6 +128,16 @@ def map_rows(fn: Callable, *arrays: jax.Array) -> object:
     XLA:CPU change with the batch count."""
     out = opaque_map(lambda row: isolated(fn, *(a[None] for a in row)), arrays)
     return jax.tree.map(lambda o: o[:, 0], out)
+
+
+def zero_padded(arrays: tuple[jax.Array, ...], pad_mask: jax.Array) -> tuple[jax.Array, ...]:
+    """``arrays`` [B, L, ...] with exact zeros at the padded positions of ``pad_mask`` [B, L]. The DeltaNet's
+    delta-rule inputs: q = k = v = beta = 0 and a log decay g = 0 leave the state bit for bit as it was, as the
+    chunked form's own padding does; attention's keys and values: no padded value can reach a sum."""
+    real = pad_mask > 0
+    return tuple(
+        jnp.where(real.reshape(*real.shape, *(1,) * (a.ndim - 2)), a, 0).astype(a.dtype) for a in arrays
+    )
 
 
 def right_padded(attention_mask: np.ndarray) -> bool:

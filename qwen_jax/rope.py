@@ -8,7 +8,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qwen_jax.invariance import fence
 from qwen_jax.ops import F32
 
 
@@ -36,8 +35,5 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     rotary_dim = cos.shape[-1]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    # Each product is rounded before the add; in the batch-invariant mode a fence keeps XLA from contracting the
-    # fp32 products and the add into fused multiply-adds in one program and not in another.
-    cos_part, sin_part = fence((x_rot * cos).astype(x.dtype), (rotate_half(x_rot) * sin).astype(x.dtype))
-    rotated = (cos_part + sin_part).astype(x.dtype)
+    rotated = ((x_rot * cos).astype(x.dtype) + (rotate_half(x_rot) * sin).astype(x.dtype)).astype(x.dtype)
     return jnp.concatenate([rotated, x_pass], axis=-1)
