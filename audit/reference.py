@@ -23,7 +23,14 @@ from transformers import Qwen3_5MoeForCausalLM
 
 from audit import determinism, metrics
 from audit.manifest import host_info, library_versions
-from audit.records import DEFAULT_HIDDEN_STATES, Prompt, ReferenceRun, SequenceRecord
+from audit.records import (
+    DEFAULT_HIDDEN_STATES,
+    Prompt,
+    ReferenceRun,
+    SequenceRecord,
+    record_arrays,
+    record_from_arrays,
+)
 
 
 def load_reference_model(checkpoint: Path, dtype: str):
@@ -133,15 +140,6 @@ def recompute_hidden(
     return dataclasses.replace(run, sequences=tuple(sequences)), warnings
 
 
-def _record_json(record: SequenceRecord) -> dict:
-    fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
-    return fields | {"logits": dataclasses.asdict(record.logits)}
-
-
-def _record_from_json(data: dict) -> SequenceRecord:
-    return SequenceRecord(**(data | {"logits": metrics.LogitView(**data["logits"])}))
-
-
 def record_reference(
     checkpoint: Path,
     prompts: Sequence[Prompt],
@@ -168,7 +166,7 @@ def record_reference(
         tqdm(prompts, desc="reference (torch)", disable=not progress, leave=False)
     ):
         if index in done:
-            sequences.append(_record_from_json(done[index]["record"]))
+            sequences.append(record_from_arrays(done[index]["record"]))
             bitwise.append(tuple(done[index]["bitwise"]))
             continue
         generated = greedy(model, [prompt.ids], max_new_tokens, stop_token_ids)[0]
@@ -189,7 +187,9 @@ def record_reference(
         sequences.append(record.summarised(keep_hidden=index < hidden_states))
         if journal is not None:
             journal.append(
-                "reference", index, {"record": _record_json(sequences[-1]), "bitwise": bitwise[-1]}
+                "reference",
+                index,
+                {"record": record_arrays(sequences[-1], keep_hidden=True), "bitwise": bitwise[-1]},
             )
     checks = [determinism.logits_check("reference", bitwise)]
     again = greedy(model, [prompts[0].ids], max_new_tokens, stop_token_ids)[0]
