@@ -272,7 +272,7 @@ def run_jax(
         sequences = [_record(ref, results[i]) for i, ref in enumerate(reference.sequences)]
         checks = [determinism.logits_check("jax", [results[i]["bitwise"] for i in range(n)])]
         again = greedy_batch(model, [reference.prompts[0].ids], max_new_tokens, stop_token_ids)[0]
-        checks.append(determinism.greedy_rerun_check("jax", again, sequences[0].generated))
+        checks.append(determinism.greedy_rerun_check("jax", [again], [sequences[0].generated]))
         batch_outputs = None
         if n > 1:
             first = range(min(n, CHECK_ROWS))

@@ -93,7 +93,8 @@ class ReferenceRun:
     manifest: dict[str, Any]
     calibration: dict[str, Any] | None
     determinism: tuple[dict[str, Any], ...]
-    batch_outputs: tuple[tuple[int, ...], ...] | None = None  # greedy tokens of the batched run
+    # greedy tokens of the determinism check's batch (its prompts: manifest["determinism_check"])
+    batch_outputs: tuple[tuple[int, ...], ...] | None = None
 
 
 def router_id_dtype(num_experts: int) -> np.dtype:

@@ -5,7 +5,8 @@ and those tokens with every hidden state and the router logits. The hidden state
 summaries at once (:func:`audit.metrics.summarise_hidden`) and kept whole only for the first ``hidden_states``
 prompts; :func:`recompute_hidden` gives them back for a prompt that diverges. In a dtype other than float32 the same
 forward is repeated on a float32 copy of the model: how far the reference is from itself across precisions is what
-calibrates the tolerances (see :mod:`audit.compare`).
+calibrates the tolerances (see :mod:`audit.compare`). The greedy determinism checks run on a bounded subset of
+the prompts (:func:`audit.determinism.check_subset`, named in the manifest's ``determinism_check``).
 """
 
 from __future__ import annotations
@@ -192,12 +193,14 @@ def record_reference(
                 {"record": record_arrays(sequences[-1], keep_hidden=True), "bitwise": bitwise[-1]},
             )
     checks = [determinism.logits_check("reference", bitwise)]
-    again = greedy(model, [prompts[0].ids], max_new_tokens, stop_token_ids)[0]
-    checks.append(determinism.greedy_rerun_check("reference", again, sequences[0].generated))
+    subset = determinism.check_subset([len(p.ids) for p in prompts], max_new_tokens)
+    firsts = [sequences[i].generated for i in subset]
+    again = [greedy(model, [prompts[i].ids], max_new_tokens, stop_token_ids)[0] for i in subset]
+    checks.append(determinism.greedy_rerun_check("reference", again, firsts, subset))
     batch = None
-    if len(prompts) > 1:
-        batch = greedy(model, [p.ids for p in prompts], max_new_tokens, stop_token_ids)
-        checks.append(determinism.batch_check("reference", batch, [s.generated for s in sequences]))
+    if len(subset) > 1:
+        batch = greedy(model, [prompts[i].ids for i in subset], max_new_tokens, stop_token_ids)
+        checks.append(determinism.batch_check("reference", batch, firsts))
     calibration = None
     if dtype != "float32":
         del model
@@ -214,6 +217,7 @@ def record_reference(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "hidden_summary": metrics.sketch_spec(model_config.hidden_size),
+        "determinism_check": determinism.check_description(subset, max_new_tokens),
     }
     return ReferenceRun(
         prompts=tuple(prompts),
