@@ -152,6 +152,25 @@ def test_full_states_where_kept_give_the_exact_figures():
     assert report["hidden_states"]["diverging_without_full"] == []
 
 
+def test_a_diverging_prompt_needs_the_full_states_of_the_side_that_lacks_them():
+    """A live run recomputes a diverging prompt's full states where either side holds only summaries (the JAX
+    side keeps its own only where the reference does); not where both hold them, nor for an agreeing prompt."""
+    from audit.compare import full_states_needed
+
+    def jax_summaries_only(jax_run: JaxRun) -> JaxRun:
+        return dataclasses.replace(
+            jax_run, sequences=tuple(s.summarised(keep_hidden=False) for s in jax_run.sequences)
+        )
+
+    diverging = {"state": 3, "prompt": 1, "position": 40, "size": 1e-2}
+    reference, jax_run = _runs(diverging, full=(1,))
+    assert full_states_needed(reference, jax_run, "float32") == []
+    assert full_states_needed(reference, jax_summaries_only(jax_run), "float32") == [1]
+    reference, jax_run = _runs(diverging)
+    assert full_states_needed(reference, jax_run, "float32") == [1]
+    assert full_states_needed(*_runs(), "float32") == []
+
+
 def test_a_prompt_is_diverging_only_where_the_run_diverges():
     """A prompt over a layer's tolerance on its own, in a run whose layers agree over all prompts, is not a
     divergence (no recompute, no warning); past the tolerance over all prompts, it is."""
