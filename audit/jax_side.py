@@ -25,7 +25,7 @@ from audit.batching import (
     plan_batches,
     teacher_forced_rows,
 )
-from audit.records import ReferenceRun, SequenceRecord, router_id_dtype
+from audit.records import ReferenceRun, SequenceRecord, router_id_dtype, with_recomputed_hidden
 
 #: Prompts generated together by the batch-invariance self-check (whatever the batch size of the run).
 CHECK_ROWS = 4
@@ -197,19 +197,13 @@ def recompute_hidden(model, reference: ReferenceRun, jax_run: JaxRun, indices: S
     """``jax_run`` with the full hidden states of prompts ``indices`` recomputed (the teacher-forced forward of
     :func:`run_jax`, alone: the batch-invariant mode gives the same bits), and a warning for each prompt whose
     recomputed states do not give its recorded summaries bitwise."""
-    sequences, warnings = list(jax_run.sequences), []
-    for i in indices:
-        _, hidden, _ = teacher_forced(model, reference.sequences[i].tokens)
-        norms, sketch = metrics.summarise_hidden(hidden)
-        if not (
-            np.array_equal(norms, sequences[i].norms, equal_nan=True)
-            and np.array_equal(sketch, sequences[i].sketch, equal_nan=True)
-        ):
-            warnings.append(
-                f"prompt {i}: the JAX side's recomputed hidden states differ from those it summarised"
-            )
-        sequences[i] = dataclasses.replace(sequences[i], hidden=hidden)
-    return dataclasses.replace(jax_run, sequences=tuple(sequences)), warnings
+    sequences, warnings = with_recomputed_hidden(
+        jax_run.sequences,
+        indices,
+        lambda i: teacher_forced(model, reference.sequences[i].tokens)[1],
+        "JAX side",
+    )
+    return dataclasses.replace(jax_run, sequences=sequences), warnings
 
 
 def _forced_batches(batch: Batch, indices: Sequence[int], reference: ReferenceRun, cfg, budget_bytes):

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import zipfile
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,15 @@ import numpy as np
 
 from audit.atomic import atomic_directory
 from audit.errors import AuditInputError
-from audit.metrics import FULL_VOCAB_LIMIT, SKETCH_DIM, TOP_K, HiddenStates, LogitView, sketch_spec
+from audit.metrics import (
+    FULL_VOCAB_LIMIT,
+    SKETCH_DIM,
+    TOP_K,
+    HiddenStates,
+    LogitView,
+    sketch_spec,
+    summarise_hidden,
+)
 
 #: 2: per-position summaries instead of every hidden state (format 1), derived arrays not stored.
 BUNDLE_FORMAT = 2
@@ -82,6 +91,30 @@ class SequenceRecord:
         return dataclasses.replace(
             self, hidden=self.hidden if keep_hidden else None, norms=norms, sketch=sketch
         )
+
+
+def with_recomputed_hidden(
+    sequences: Sequence[SequenceRecord],
+    indices: Sequence[int],
+    hidden_of: Callable[[int], np.ndarray],
+    side: str,
+) -> tuple[tuple[SequenceRecord, ...], list[str]]:
+    """``sequences`` with the full hidden states of prompts ``indices`` set to ``hidden_of(i)`` (recomputed), and a
+    warning for each prompt whose recomputed states do not give its recorded summaries bitwise (``side``'s forward
+    is not reproducible there)."""
+    out, warnings = list(sequences), []
+    for i in indices:
+        hidden = hidden_of(i)
+        norms, sketch = summarise_hidden(hidden)
+        if not (
+            np.array_equal(norms, out[i].norms, equal_nan=True)
+            and np.array_equal(sketch, out[i].sketch, equal_nan=True)
+        ):
+            warnings.append(
+                f"prompt {i}: the {side}'s recomputed hidden states differ from those it summarised first"
+            )
+        out[i] = dataclasses.replace(out[i], hidden=hidden)
+    return tuple(out), warnings
 
 
 @dataclasses.dataclass(frozen=True)

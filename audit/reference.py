@@ -31,6 +31,7 @@ from audit.records import (
     SequenceRecord,
     record_arrays,
     record_from_arrays,
+    with_recomputed_hidden,
 )
 
 
@@ -126,19 +127,10 @@ def recompute_hidden(
     :func:`record_reference`), and a warning for each prompt whose recomputed states do not give its recorded
     summaries bitwise (the reference's forward is not reproducible there)."""
     model = load_reference_model(checkpoint, dtype)
-    sequences, warnings = list(run.sequences), []
-    for i in indices:
-        _, hidden, _ = teacher_forced(model, sequences[i].tokens)
-        norms, sketch = metrics.summarise_hidden(hidden)
-        if not (
-            np.array_equal(norms, sequences[i].norms, equal_nan=True)
-            and np.array_equal(sketch, sequences[i].sketch, equal_nan=True)
-        ):
-            warnings.append(
-                f"prompt {i}: the reference's recomputed hidden states differ from those it summarised first"
-            )
-        sequences[i] = dataclasses.replace(sequences[i], hidden=hidden)
-    return dataclasses.replace(run, sequences=tuple(sequences)), warnings
+    sequences, warnings = with_recomputed_hidden(
+        run.sequences, indices, lambda i: teacher_forced(model, run.sequences[i].tokens)[1], "reference"
+    )
+    return dataclasses.replace(run, sequences=sequences), warnings
 
 
 def record_reference(
