@@ -9,6 +9,10 @@ leaves no journal. Each line is written whole, flushed and fsynced. On reopening
 refused (:class:`audit.errors.AuditInputError`, exit 2), a torn last line (the process died mid-write) is dropped
 and cut off the file, and a malformed line before it is refused. A prompt's entry is reused, never recomputed, and
 entries are keyed by side and prompt, so none is counted twice.
+
+What a prompt's entry holds (format 2): the reference's bundle arrays (:func:`audit.records.record_arrays`) and the
+JAX side's :func:`audit.jax_side.prompt_result`: per position, summaries of the hidden states (norms and sketches),
+and the full hidden states only for the ``--hidden-states`` prompts; :func:`journal_bytes_per_token` counts it.
 """
 
 from __future__ import annotations
