@@ -11,6 +11,19 @@ bf16 errors decorrelate: on the demo, JAX-bf16 vs HF-bf16 measured 0.73e (mean K
 In float32 they are fixed, from the parity tests: p99 max |logit diff| 1e-4, mean KL 1e-6, hidden-state rel_diff
 1e-8 (about 1e-4 relative RMS error).
 
+Hidden states held as summaries only. Both sides keep every prompt's hidden states as per-position summaries (L2
+norms and sketches, :func:`audit.metrics.summarise_hidden`) and the full states only for the ``--hidden-states``
+prompts (and, with a live reference, a diverging prompt's, recomputed on both sides). Where both sides hold a
+prompt's full states its terms are exact; otherwise its rel_diff terms are estimated from the summaries
+(:func:`audit.metrics.prompt_layer_terms`: ||sketch(x) - sketch(y)||^2, an unbiased estimate of ||x - y||^2, over
+the exact norms' ||x||^2 + ||y||^2), and the result is judged against the same per-layer tolerance, derived the
+same way: in bfloat16 the calibration's e is itself estimated from the same summaries for those prompts (the
+float32 reference summarised with the same projections), in float32 it is the fixed 1e-8. The estimate's relative
+error is sqrt(2 / 16) = 0.35 for a departure at one position, and falls as 1 / sqrt(n) over n positions departing
+alike (to 0.044 for one direction repeated at every position: the pool of 64 projections), well inside the 4x
+between e and the tolerance; equal states give exactly 0. Such layers are marked ``estimated`` and have no max
+|diff|; they point to the position that departs most instead.
+
 Verdict: "diverge" (exit 1) when a hidden state or the logits hold NaN or inf on either side (named where they first
 appear, never compared as numbers), when a logit metric or a hidden state exceeds its tolerance, when a greedy output
 diverges where the two tokens are not in each other's top 5 (vLLM's check_logprobs_close rule: otherwise it is a
@@ -113,7 +126,7 @@ def _finite(x: Any) -> Any:
 
 def hidden_terms(reference: ReferenceRun, jax_run: JaxRun) -> list[metrics.PromptLayerTerms]:
     """Per prompt, the hidden-state terms of both sides: exact where both hold the full states, else from the
-    summaries (the JAX side's computed here from its full states when it did not keep them)."""
+    summaries (norms and sketches: :func:`audit.metrics.prompt_layer_terms`)."""
     return [
         metrics.prompt_layer_terms(ref.hidden_states(), ours.hidden_states())
         for ref, ours in zip(reference.sequences, jax_run.sequences, strict=True)
@@ -186,10 +199,14 @@ def diverging_prompts(
 
 
 def full_states_needed(reference: ReferenceRun, jax_run: JaxRun, dtype: str) -> list[int]:
-    """The diverging prompts (:func:`diverging_prompts`) whose full reference hidden states are not held: those a
-    live reference recomputes."""
+    """The diverging prompts (:func:`diverging_prompts`) whose full hidden states are not held by both sides: those
+    a live run recomputes (each side where it lacks them)."""
     tol = tolerances(dtype, reference.calibration, reference.sequences[0].hidden_states().n_states)
-    return [i for i in diverging_prompts(reference, jax_run, tol) if reference.sequences[i].hidden is None]
+    return [
+        i
+        for i in diverging_prompts(reference, jax_run, tol)
+        if reference.sequences[i].hidden is None or jax_run.sequences[i].hidden is None
+    ]
 
 
 def hidden_states_section(

@@ -1,7 +1,10 @@
 """The JAX side: the same prompts through qwen_jax, teacher-forced on the reference's tokens, and its own greedy
 decoding, batched and bucketed (:mod:`audit.batching`) in qwen_jax's batch-invariant mode, so that the results do not
-depend on the batch size. Full logits are reduced to per-position metrics against the reference as soon as a batch
-is computed, so only one batch's [rows, T, vocab] logits are held at a time."""
+depend on the batch size. Full logits are reduced to per-position metrics against the reference, and the hidden
+states to their per-position summaries (:func:`audit.metrics.summarise_hidden`, as the reference's), as soon as a
+batch is computed, so only one batch's [rows, T, vocab] logits and hidden states are held at a time. The full
+hidden states are kept for the prompts whose reference keeps them (``--hidden-states``), and recomputed for a
+diverging prompt (:func:`recompute_hidden`)."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from audit.batching import (
     plan_batches,
     teacher_forced_rows,
 )
-from audit.records import ReferenceRun, SequenceRecord
+from audit.records import ReferenceRun, SequenceRecord, router_id_dtype, with_recomputed_hidden
 
 #: Prompts generated together by the batch-invariance self-check (whatever the batch size of the run).
 CHECK_ROWS = 4
@@ -30,9 +33,9 @@ CHECK_ROWS = 4
 
 @dataclasses.dataclass(frozen=True)
 class JaxRun:
-    sequences: tuple[
-        SequenceRecord, ...
-    ]  # hidden states and experts on the reference's tokens, own greedy tokens
+    # per prompt: own greedy tokens; on the reference's tokens the experts and the hidden states' summaries (the
+    # full states only where the reference keeps its own, or recomputed: recompute_hidden)
+    sequences: tuple[SequenceRecord, ...]
     position_metrics: tuple[dict[str, np.ndarray], ...]  # per prompt, against the reference's logits
     divergences: tuple[metrics.Divergence | None, ...]
     determinism: tuple[dict, ...]
@@ -142,13 +145,32 @@ def _divergence(ref: SequenceRecord, generated: np.ndarray, logits: np.ndarray) 
     return metrics.judge_divergence(d, int(ref.generated[d]), int(generated[d]), ref.logits, logits, at)
 
 
+def prompt_result(
+    ref: SequenceRecord, generated: np.ndarray, forced: tuple, again_logits: np.ndarray, num_experts: int
+) -> dict:
+    """What the JAX side keeps of one prompt (and journals): its greedy tokens, its top-k experts (ids in the
+    smallest unsigned type), the summaries of its hidden states (:func:`audit.metrics.summarise_hidden`), the full
+    states only where the reference keeps its own (``ref.hidden``: the ``--hidden-states`` prompts), its logit
+    metrics against the reference, the greedy divergence and the run-to-run check. ``forced``: (logits, hidden,
+    experts) of :func:`teacher_forced_batch`."""
+    logits, hidden, experts = forced
+    norms, sketch = metrics.summarise_hidden(hidden)
+    return {
+        "generated": np.asarray(generated, np.int32),
+        "hidden": hidden if ref.hidden is not None else None,
+        "norms": norms,
+        "sketch": sketch,
+        "experts": np.asarray(experts, router_id_dtype(num_experts)),
+        "metrics": metrics.per_position_logit_metrics(ref.logits, logits),
+        "divergence": _divergence(ref, generated, logits),
+        "bitwise": determinism.run_pair(logits, again_logits),
+    }
+
+
 def _from_journal(entry: dict) -> dict:
     divergence = entry["divergence"]
     return {
-        "generated": entry["generated"],
-        "hidden": entry["hidden"],
-        "experts": entry["experts"],
-        "metrics": entry["metrics"],
+        **entry,
         "divergence": None if divergence is None else metrics.Divergence(**divergence),
         "bitwise": tuple(entry["bitwise"]),
     }
@@ -157,6 +179,31 @@ def _from_journal(entry: dict) -> dict:
 def _journal_entry(result: dict) -> dict:
     divergence = result["divergence"]
     return {**result, "divergence": None if divergence is None else dataclasses.asdict(divergence)}
+
+
+def _record(ref: SequenceRecord, result: dict) -> SequenceRecord:
+    return SequenceRecord(
+        ref.prompt_len,
+        ref.tokens,
+        result["generated"],
+        result["hidden"],
+        result["experts"],
+        norms=result["norms"],
+        sketch=result["sketch"],
+    )
+
+
+def recompute_hidden(model, reference: ReferenceRun, jax_run: JaxRun, indices: Sequence[int]):
+    """``jax_run`` with the full hidden states of prompts ``indices`` recomputed (the teacher-forced forward of
+    :func:`run_jax`, alone: the batch-invariant mode gives the same bits), and a warning for each prompt whose
+    recomputed states do not give its recorded summaries bitwise."""
+    sequences, warnings = with_recomputed_hidden(
+        jax_run.sequences,
+        indices,
+        lambda i: teacher_forced(model, reference.sequences[i].tokens)[1],
+        "JAX side",
+    )
+    return dataclasses.replace(jax_run, sequences=sequences), warnings
 
 
 def _forced_batches(batch: Batch, indices: Sequence[int], reference: ReferenceRun, cfg, budget_bytes):
@@ -209,28 +256,17 @@ def run_jax(
                 tokens = [reference.sequences[i].tokens for i in forced.indices]
                 first = teacher_forced_batch(model, tokens, forced.rows, forced.length)
                 second = teacher_forced_batch(model, tokens, forced.rows, forced.length)
-                for i, (logits, hidden, experts), again in zip(forced.indices, first, second, strict=True):
+                for i, forced_out, again in zip(forced.indices, first, second, strict=True):
                     ref = reference.sequences[i]
-                    results[i] = {
-                        "generated": generated[i],
-                        "hidden": hidden,
-                        "experts": experts,
-                        "metrics": metrics.per_position_logit_metrics(ref.logits, logits),
-                        "divergence": _divergence(ref, generated[i], logits),
-                        "bitwise": determinism.run_pair(logits, again[0]),
-                    }
+                    results[i] = prompt_result(ref, generated[i], forced_out, again[0], model.cfg.num_experts)
                     if journal is not None:
                         journal.append("jax", i, _journal_entry(results[i]))
                     bar.update(1)
         bar.close()
-        sequences = [
-            SequenceRecord(ref.prompt_len, ref.tokens, results[i]["generated"], results[i]["hidden"],
-                           results[i]["experts"])
-            for i, ref in enumerate(reference.sequences)
-        ]  # fmt: skip
+        sequences = [_record(ref, results[i]) for i, ref in enumerate(reference.sequences)]
         checks = [determinism.logits_check("jax", [results[i]["bitwise"] for i in range(n)])]
         again = greedy_batch(model, [reference.prompts[0].ids], max_new_tokens, stop_token_ids)[0]
-        checks.append(determinism.greedy_rerun_check("jax", again, sequences[0].generated))
+        checks.append(determinism.greedy_rerun_check("jax", [again], [sequences[0].generated]))
         batch_outputs = None
         if n > 1:
             first = range(min(n, CHECK_ROWS))

@@ -9,6 +9,10 @@ leaves no journal. Each line is written whole, flushed and fsynced. On reopening
 refused (:class:`audit.errors.AuditInputError`, exit 2), a torn last line (the process died mid-write) is dropped
 and cut off the file, and a malformed line before it is refused. A prompt's entry is reused, never recomputed, and
 entries are keyed by side and prompt, so none is counted twice.
+
+What a prompt's entry holds (format 2): the reference's bundle arrays (:func:`audit.records.record_arrays`) and the
+JAX side's :func:`audit.jax_side.prompt_result`: per position, summaries of the hidden states (norms and sketches),
+and the full hidden states only for the ``--hidden-states`` prompts; :func:`journal_bytes_per_token` counts it.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ from typing import Any
 import numpy as np
 
 from audit.errors import AuditInputError
+from audit.metrics import LOGIT_METRICS, SKETCH_DIM
+from audit.records import bundle_bytes_per_token, full_hidden_bytes_per_token, router_id_dtype
 
 JOURNAL = "journal.jsonl"
-JOURNAL_FORMAT = 1
+#: 2: per-position summaries of the hidden states (format 1 kept the JAX side's full states for every prompt).
+JOURNAL_FORMAT = 2
 _ARRAY = "__npy__"
 
 
@@ -53,6 +60,36 @@ def decode(value: Any) -> Any:
     if isinstance(value, list):
         return [decode(v) for v in value]
     return value
+
+
+def jax_bytes_per_token(cfg) -> dict[str, int]:
+    """Bytes per teacher-forced position of each array the JAX side journals for every prompt
+    (:func:`audit.jax_side.prompt_result`), for a model of config ``cfg``: plain counting, as
+    :func:`audit.records.bundle_bytes_per_token` counts the reference's (which its journal lines hold)."""
+    n_states = cfg.num_hidden_layers + 1
+    routed = cfg.num_hidden_layers * cfg.num_experts_per_tok
+    return {
+        "generated": 4,  # int32, at most one per position
+        "experts": routed * router_id_dtype(cfg.num_experts).itemsize,
+        "norms": n_states * 4,  # float32
+        "sketch": n_states * SKETCH_DIM * 4,  # float32
+        "metrics": 8 * (len(LOGIT_METRICS) - 1) + 1,  # float64 each, top1_agree a bool
+    }
+
+
+def journal_bytes_per_token(cfg) -> dict[str, float]:
+    """Bytes per teacher-forced position of the journal, per side and in all, for a model of config ``cfg``: the
+    arrays' bytes (:func:`jax_bytes_per_token`, :func:`audit.records.bundle_bytes_per_token`) in base64 (4/3).
+    Not counted: a line's fixed part (JSON keys, npy headers: about 2 kB a line), and ``full_hidden`` more per
+    position of each side for a prompt with full hidden states (the ``--hidden-states`` prompts)."""
+    jax = sum(jax_bytes_per_token(cfg).values()) * 4 / 3
+    reference = sum(bundle_bytes_per_token(cfg).values()) * 4 / 3
+    return {
+        "jax": jax,
+        "reference": reference,
+        "total": jax + reference,
+        "full_hidden": full_hidden_bytes_per_token(cfg) * 4 / 3,
+    }
 
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:

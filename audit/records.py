@@ -22,6 +22,7 @@ import dataclasses
 import json
 import zipfile
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,15 @@ import numpy as np
 
 from audit.atomic import atomic_directory
 from audit.errors import AuditInputError
-from audit.metrics import FULL_VOCAB_LIMIT, SKETCH_DIM, TOP_K, HiddenStates, LogitView, sketch_spec
+from audit.metrics import (
+    FULL_VOCAB_LIMIT,
+    SKETCH_DIM,
+    TOP_K,
+    HiddenStates,
+    LogitView,
+    sketch_spec,
+    summarise_hidden,
+)
 
 #: 2: per-position summaries instead of every hidden state (format 1), derived arrays not stored.
 BUNDLE_FORMAT = 2
@@ -84,6 +93,30 @@ class SequenceRecord:
         )
 
 
+def with_recomputed_hidden(
+    sequences: Sequence[SequenceRecord],
+    indices: Sequence[int],
+    hidden_of: Callable[[int], np.ndarray],
+    side: str,
+) -> tuple[tuple[SequenceRecord, ...], list[str]]:
+    """``sequences`` with the full hidden states of prompts ``indices`` set to ``hidden_of(i)`` (recomputed), and a
+    warning for each prompt whose recomputed states do not give its recorded summaries bitwise (``side``'s forward
+    is not reproducible there)."""
+    out, warnings = list(sequences), []
+    for i in indices:
+        hidden = hidden_of(i)
+        norms, sketch = summarise_hidden(hidden)
+        if not (
+            np.array_equal(norms, out[i].norms, equal_nan=True)
+            and np.array_equal(sketch, out[i].sketch, equal_nan=True)
+        ):
+            warnings.append(
+                f"prompt {i}: the {side}'s recomputed hidden states differ from those it summarised first"
+            )
+        out[i] = dataclasses.replace(out[i], hidden=hidden)
+    return tuple(out), warnings
+
+
 @dataclasses.dataclass(frozen=True)
 class ReferenceRun:
     """The reference side of an audit: live from transformers or loaded from a bundle."""
@@ -93,7 +126,8 @@ class ReferenceRun:
     manifest: dict[str, Any]
     calibration: dict[str, Any] | None
     determinism: tuple[dict[str, Any], ...]
-    batch_outputs: tuple[tuple[int, ...], ...] | None = None  # greedy tokens of the batched run
+    # greedy tokens of the determinism check's batch (its prompts: manifest["determinism_check"])
+    batch_outputs: tuple[tuple[int, ...], ...] | None = None
 
 
 def router_id_dtype(num_experts: int) -> np.dtype:
@@ -141,23 +175,48 @@ def full_size_bytes_per_token() -> dict[str, int]:
     }
 
 
-def _prompt_arrays(i: int, seq: SequenceRecord, keep_hidden: bool) -> dict[str, np.ndarray]:
+def record_arrays(seq: SequenceRecord, keep_hidden: bool) -> dict[str, np.ndarray]:
+    """The arrays a bundle (and the run journal) keeps of one reference record: the token, the logits view, the top
+    k+1 router choices (ids in the smallest unsigned type) and probabilities, the hidden-state summaries, and the
+    full hidden states when ``keep_hidden`` and held. :func:`record_from_arrays` reads them back."""
     norms, sketch = seq.hidden_states().summaries()
     n_experts_bound = int(seq.router_ids.max(initial=0)) + 1
     arrays = {
-        f"{i}/tokens": np.asarray(seq.tokens, np.int32),
-        f"{i}/prompt_len": np.asarray(seq.prompt_len),
-        f"{i}/logit_ids": np.asarray(seq.logits.ids, np.int32),
-        f"{i}/logit_values": np.asarray(seq.logits.values, np.float32),
-        f"{i}/logit_lse": np.asarray(seq.logits.lse, np.float64),
-        f"{i}/router_ids": np.asarray(seq.router_ids, router_id_dtype(n_experts_bound)),
-        f"{i}/router_probs": np.asarray(seq.router_probs, np.float32),
-        f"{i}/hidden_norms": np.asarray(norms, np.float32),
-        f"{i}/hidden_sketch": np.asarray(sketch, np.float32),
+        "tokens": np.asarray(seq.tokens, np.int32),
+        "prompt_len": np.asarray(seq.prompt_len),
+        "logit_ids": np.asarray(seq.logits.ids, np.int32),
+        "logit_values": np.asarray(seq.logits.values, np.float32),
+        "logit_lse": np.asarray(seq.logits.lse, np.float64),
+        "router_ids": np.asarray(seq.router_ids, router_id_dtype(n_experts_bound)),
+        "router_probs": np.asarray(seq.router_probs, np.float32),
+        "hidden_norms": np.asarray(norms, np.float32),
+        "hidden_sketch": np.asarray(sketch, np.float32),
     }
     if keep_hidden and seq.hidden is not None:
-        arrays[f"{i}/hidden"] = np.asarray(seq.hidden, np.float32)
+        arrays["hidden"] = np.asarray(seq.hidden, np.float32)
     return arrays
+
+
+def record_from_arrays(arrays: dict[str, np.ndarray], prefix: str = "") -> SequenceRecord:
+    """The reference record of :func:`record_arrays`'s arrays, each named ``prefix`` + its name (a missing one:
+    ``KeyError`` naming it)."""
+    prompt_len = int(arrays[prefix + "prompt_len"])
+    tokens = arrays[prefix + "tokens"]
+    router_ids = arrays[prefix + "router_ids"].astype(np.int32)
+    return SequenceRecord(
+        prompt_len=prompt_len,
+        tokens=tokens,
+        generated=tokens[prompt_len:],
+        hidden=arrays.get(prefix + "hidden"),
+        experts=router_ids[..., :-1],
+        logits=LogitView(
+            arrays[prefix + "logit_ids"], arrays[prefix + "logit_values"], arrays[prefix + "logit_lse"]
+        ),
+        router_ids=router_ids,
+        router_probs=arrays[prefix + "router_probs"],
+        norms=arrays[prefix + "hidden_norms"],
+        sketch=arrays[prefix + "hidden_sketch"],
+    )
 
 
 def save_bundle(run: ReferenceRun, directory: str | Path, hidden_states: int = DEFAULT_HIDDEN_STATES) -> Path:
@@ -169,7 +228,8 @@ def save_bundle(run: ReferenceRun, directory: str | Path, hidden_states: int = D
     with atomic_directory(directory) as tmp:
         arrays: dict[str, np.ndarray] = {}
         for i, seq in enumerate(run.sequences):
-            arrays.update(_prompt_arrays(i, seq, keep_hidden=i < hidden_states))
+            kept = record_arrays(seq, keep_hidden=i < hidden_states)
+            arrays.update({f"{i}/{name}": array for name, array in kept.items()})
         np.savez(tmp / ARRAYS, **arrays)
         prompts = [dataclasses.asdict(p) | {"ids": list(p.ids)} for p in run.prompts]
         _write_json(tmp / PROMPTS, {"prompts": prompts, "batch_outputs": run.batch_outputs})
@@ -279,24 +339,6 @@ def _check_sketch(directory: Path, manifest: dict) -> None:
         )
 
 
-def _sequence(arrays: dict[str, np.ndarray], i: int) -> SequenceRecord:
-    prompt_len = int(arrays[f"{i}/prompt_len"])
-    tokens = arrays[f"{i}/tokens"]
-    router_ids = arrays[f"{i}/router_ids"].astype(np.int32)
-    return SequenceRecord(
-        prompt_len=prompt_len,
-        tokens=tokens,
-        generated=tokens[prompt_len:],
-        hidden=arrays.get(f"{i}/hidden"),
-        experts=router_ids[..., :-1],
-        logits=LogitView(arrays[f"{i}/logit_ids"], arrays[f"{i}/logit_values"], arrays[f"{i}/logit_lse"]),
-        router_ids=router_ids,
-        router_probs=arrays[f"{i}/router_probs"],
-        norms=arrays[f"{i}/hidden_norms"],
-        sketch=arrays[f"{i}/hidden_sketch"],
-    )
-
-
 def load_bundle(directory: str | Path) -> ReferenceRun:
     """Reads a bundle written by :func:`save_bundle`; needs numpy only. A bundle of another format is refused."""
     directory = Path(directory)
@@ -314,7 +356,7 @@ def load_bundle(directory: str | Path) -> ReferenceRun:
         raise AuditInputError(f"{directory / ARRAYS}: unreadable, truncated or corrupt ({exc})") from None
     prompts = tuple(Prompt(p["name"], p["text"], tuple(p["ids"])) for p in prompts_json["prompts"])
     try:
-        sequences = tuple(_sequence(arrays, i) for i in range(len(prompts)))
+        sequences = tuple(record_from_arrays(arrays, f"{i}/") for i in range(len(prompts)))
     except KeyError as exc:
         raise AuditInputError(f"{directory / ARRAYS}: missing array {exc.args[0]}") from None
     batch = prompts_json.get("batch_outputs")

@@ -5,7 +5,8 @@ and those tokens with every hidden state and the router logits. The hidden state
 summaries at once (:func:`audit.metrics.summarise_hidden`) and kept whole only for the first ``hidden_states``
 prompts; :func:`recompute_hidden` gives them back for a prompt that diverges. In a dtype other than float32 the same
 forward is repeated on a float32 copy of the model: how far the reference is from itself across precisions is what
-calibrates the tolerances (see :mod:`audit.compare`).
+calibrates the tolerances (see :mod:`audit.compare`). The greedy determinism checks run on a bounded subset of
+the prompts (:func:`audit.determinism.check_subset`, named in the manifest's ``determinism_check``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from transformers import Qwen3_5MoeForCausalLM
 
 from audit import determinism, metrics
 from audit.manifest import host_info, library_versions
-from audit.records import DEFAULT_HIDDEN_STATES, Prompt, ReferenceRun, SequenceRecord
+from audit.records import (
+    DEFAULT_HIDDEN_STATES,
+    Prompt,
+    ReferenceRun,
+    SequenceRecord,
+    record_arrays,
+    record_from_arrays,
+    with_recomputed_hidden,
+)
 
 
 def load_reference_model(checkpoint: Path, dtype: str):
@@ -118,28 +127,10 @@ def recompute_hidden(
     :func:`record_reference`), and a warning for each prompt whose recomputed states do not give its recorded
     summaries bitwise (the reference's forward is not reproducible there)."""
     model = load_reference_model(checkpoint, dtype)
-    sequences, warnings = list(run.sequences), []
-    for i in indices:
-        _, hidden, _ = teacher_forced(model, sequences[i].tokens)
-        norms, sketch = metrics.summarise_hidden(hidden)
-        if not (
-            np.array_equal(norms, sequences[i].norms, equal_nan=True)
-            and np.array_equal(sketch, sequences[i].sketch, equal_nan=True)
-        ):
-            warnings.append(
-                f"prompt {i}: the reference's recomputed hidden states differ from those it summarised first"
-            )
-        sequences[i] = dataclasses.replace(sequences[i], hidden=hidden)
-    return dataclasses.replace(run, sequences=tuple(sequences)), warnings
-
-
-def _record_json(record: SequenceRecord) -> dict:
-    fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
-    return fields | {"logits": dataclasses.asdict(record.logits)}
-
-
-def _record_from_json(data: dict) -> SequenceRecord:
-    return SequenceRecord(**(data | {"logits": metrics.LogitView(**data["logits"])}))
+    sequences, warnings = with_recomputed_hidden(
+        run.sequences, indices, lambda i: teacher_forced(model, run.sequences[i].tokens)[1], "reference"
+    )
+    return dataclasses.replace(run, sequences=sequences), warnings
 
 
 def record_reference(
@@ -168,7 +159,7 @@ def record_reference(
         tqdm(prompts, desc="reference (torch)", disable=not progress, leave=False)
     ):
         if index in done:
-            sequences.append(_record_from_json(done[index]["record"]))
+            sequences.append(record_from_arrays(done[index]["record"]))
             bitwise.append(tuple(done[index]["bitwise"]))
             continue
         generated = greedy(model, [prompt.ids], max_new_tokens, stop_token_ids)[0]
@@ -189,15 +180,19 @@ def record_reference(
         sequences.append(record.summarised(keep_hidden=index < hidden_states))
         if journal is not None:
             journal.append(
-                "reference", index, {"record": _record_json(sequences[-1]), "bitwise": bitwise[-1]}
+                "reference",
+                index,
+                {"record": record_arrays(sequences[-1], keep_hidden=True), "bitwise": bitwise[-1]},
             )
     checks = [determinism.logits_check("reference", bitwise)]
-    again = greedy(model, [prompts[0].ids], max_new_tokens, stop_token_ids)[0]
-    checks.append(determinism.greedy_rerun_check("reference", again, sequences[0].generated))
+    subset = determinism.check_subset([len(p.ids) for p in prompts], max_new_tokens)
+    firsts = [sequences[i].generated for i in subset]
+    again = [greedy(model, [prompts[i].ids], max_new_tokens, stop_token_ids)[0] for i in subset]
+    checks.append(determinism.greedy_rerun_check("reference", again, firsts, subset))
     batch = None
-    if len(prompts) > 1:
-        batch = greedy(model, [p.ids for p in prompts], max_new_tokens, stop_token_ids)
-        checks.append(determinism.batch_check("reference", batch, [s.generated for s in sequences]))
+    if len(subset) > 1:
+        batch = greedy(model, [prompts[i].ids for i in subset], max_new_tokens, stop_token_ids)
+        checks.append(determinism.batch_check("reference", batch, firsts))
     calibration = None
     if dtype != "float32":
         del model
@@ -214,6 +209,7 @@ def record_reference(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "hidden_summary": metrics.sketch_spec(model_config.hidden_size),
+        "determinism_check": determinism.check_description(subset, max_new_tokens),
     }
     return ReferenceRun(
         prompts=tuple(prompts),

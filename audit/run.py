@@ -479,9 +479,14 @@ def compare(args, version: str) -> int:
             journal=journal,
         )
         replay = _replay(inputs, args, model, jax_run, reference, batch_size)
+        recompute = _diverging_without_full_states(inputs, args, reference, jax_run)
+        jax_run, recompute_warnings = jax_side.recompute_hidden(
+            model, reference, jax_run, [i for i in recompute if jax_run.sequences[i].hidden is None]
+        )
     layer_types = model.cfg.layer_types
     del model  # before the reference may be loaded again
-    reference, recompute_warnings = _full_states_where_diverging(inputs, args, reference, jax_run)
+    reference, warnings = _reference_full_states(inputs, reference, recompute)
+    recompute_warnings += warnings
     report = build_report(
         reference=reference,
         jax_run=jax_run,
@@ -527,19 +532,23 @@ def batching_summary(batching: dict) -> str:
     )
 
 
-def _full_states_where_diverging(inputs: Inputs, args, reference: ReferenceRun, jax_run):
-    """With a live reference, the full hidden states of each diverging prompt that did not keep them, recomputed;
-    a bundle's are not (the report then says they were not kept)."""
+def _diverging_without_full_states(inputs: Inputs, args, reference: ReferenceRun, jax_run) -> list[int]:
+    """With a live reference, the diverging prompts whose full hidden states one side or both did not keep: they
+    are recomputed (the JAX side's by :func:`audit.jax_side.recompute_hidden`, the reference's by
+    :func:`audit.reference.recompute_hidden`). A bundle's are not (the report then says they were not kept)."""
     from audit.compare import full_states_needed
 
-    if args.reference is not None:
-        return reference, []
-    needed = full_states_needed(reference, jax_run, inputs.dtype)
-    if not needed:
+    return [] if args.reference is not None else full_states_needed(reference, jax_run, inputs.dtype)
+
+
+def _reference_full_states(inputs: Inputs, reference: ReferenceRun, indices: Sequence[int]):
+    """``reference`` with the full hidden states of prompts ``indices`` that it did not keep recomputed."""
+    missing = [i for i in indices if reference.sequences[i].hidden is None]
+    if not missing:
         return reference, []
     from audit.reference import recompute_hidden
 
-    return recompute_hidden(inputs.checkpoint, inputs.dtype, reference, needed)
+    return recompute_hidden(inputs.checkpoint, inputs.dtype, reference, missing)
 
 
 def _settings(inputs: Inputs, args, reference: ReferenceRun | None = None) -> dict:

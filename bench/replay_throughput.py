@@ -5,7 +5,8 @@
 The bench config and checkpoint of ``bench/decode_vs_hf.py`` (hidden 512, 8 layers, 32 experts top-4, vocab 32k,
 float32), with a byte-level BPE trained here and the Qwen3.6 chat template. ``--items`` synthetic MERA-format
 samples (one ``samples_aqua_bench_*.jsonl`` file, lm-eval 0.4.9.1's layout, ``--predict_only`` metrics) with
-prompts of 100-1,500 tokens and ``max_gen_toks`` of 32-256 (seeded), replayed by ``audit.replay.replay_samples``
+prompts spanning 100-1,500 tokens (evenly spread, in a seeded order, counted after rendering and tokenisation as the
+replay does; the range is asserted and printed) and ``max_gen_toks`` of 32-256 (seeded), replayed by ``audit.replay.replay_samples``
 through the JAX side's greedy (``audit.jax_side.greedy``, qwen_jax's batch-invariant mode): once at batch 1, once
 in batches of ``--batch-size``, both bucketed the same way (``audit.batching``).
 
@@ -78,23 +79,40 @@ def sample_line(doc_id: int, text: str, max_gen_toks: int) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
-def write_samples(path: Path, tokens, words: list[str], spec: dict, seed: int = 0) -> list[tuple[int, int]]:
-    """``spec["items"]`` samples whose rendered prompts have a seeded number of tokens in ``spec["prompt"]`` and a
-    ``max_gen_toks`` in ``spec["new"]``; returns the (prompt tokens, max_gen_toks) of each."""
+def fitted_text(tokens, words: list[str], rng: random.Random, target: int, floor: int) -> tuple[str, int]:
+    """Seeded words whose rendered prompt (the chat template, tokenised as the replay does) has as many tokens as it
+    can without passing ``target``, and at least ``floor``: the longest prefix of a seeded word list within
+    ``target`` (a binary search: each word adds its own tokens, the byte-level BPE splitting at spaces), one word
+    more when that falls short of ``floor``. Returns the text and its prompt's tokens."""
     from qwen_jax.chat import render_chat
 
+    pool = [rng.choice(words) for _ in range(target + 1)]  # a word is at least one token: past the target
+
+    def length(n: int) -> int:
+        messages = [{"role": "user", "content": " ".join(pool[:n])}]
+        rendered = render_chat(tokens.template, messages, source="bench", add_generation_prompt=True)
+        return len(tokens.tokenizer.encode(rendered))
+
+    low, high = 1, len(pool)  # the longest prefix within the target lies in [low, high]
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if length(middle) <= target else (low, middle - 1)
+    n = low + 1 if length(low) < floor else low
+    return " ".join(pool[:n]), length(n)
+
+
+def write_samples(path: Path, tokens, words: list[str], spec: dict, seed: int = 0) -> list[tuple[int, int]]:
+    """``spec["items"]`` samples whose rendered prompts span ``spec["prompt"]`` (token counts evenly spread over
+    it, in a seeded order: :func:`fitted_text`) with a seeded ``max_gen_toks`` in ``spec["new"]``; returns the
+    (prompt tokens, max_gen_toks) of each."""
     rng = random.Random(seed)
+    shortest, longest = spec["prompt"]
+    items = spec["items"]
+    targets = [shortest + round((longest - shortest) * k / max(items - 1, 1)) for k in range(items)]
+    rng.shuffle(targets)
     lines, shapes = [], []
-    for doc_id in range(spec["items"]):
-        target = rng.randint(*spec["prompt"])
-        text, length = "", 0
-        while length < target:  # add words until the rendered prompt is long enough
-            text = (
-                text + " " + " ".join(rng.choice(words) for _ in range(max(1, (target - length) // 3)))
-            ).strip()
-            messages = [{"role": "user", "content": text}]
-            rendered = render_chat(tokens.template, messages, source="bench", add_generation_prompt=True)
-            length = len(tokens.tokenizer.encode(rendered))
+    for doc_id, target in enumerate(targets):
+        text, length = fitted_text(tokens, words, rng, target, shortest)
         budget = rng.randint(*spec["new"])
         lines.append(sample_line(doc_id, text, budget))
         shapes.append((length, budget))
@@ -225,6 +243,11 @@ def main() -> int:
         build_tokenizer(checkpoint, words)
         tokens = load_checkpoint_tokenizer(checkpoint)
         shapes = write_samples(Path(tmp) / SAMPLES_NAME, tokens, words, spec)
+        lengths = [n for n, _ in shapes]
+        print(
+            f"prompts after tokenisation: {min(lengths)}-{max(lengths)} tokens", file=sys.stderr, flush=True
+        )
+        assert spec["prompt"][0] <= min(lengths) and max(lengths) <= spec["prompt"][1], (lengths, spec)
         files = load_samples_files([Path(tmp) / SAMPLES_NAME])
         model = load_model_dir(checkpoint, "float32", None)
         stop = tuple(tokens.tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>"))
@@ -251,7 +274,6 @@ def main() -> int:
     tps = {name: statistics.median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
     (name1, name2) = sizes
     ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(single, batched, strict=True)]
-    lengths = [n for n, _ in shapes]
     print(f"{spec['items']} items: prompts {min(lengths)}-{max(lengths)} tokens, max_gen_toks "
           f"{min(b for _, b in shapes)}-{max(b for _, b in shapes)}; {single[0]['tokens']} generated tokens "
           f"counted; replies identical at batch 1 and {args.batch_size}: yes")  # fmt: skip

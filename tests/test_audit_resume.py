@@ -18,6 +18,7 @@ from test_audit_cli import ROOT, read_report, run_audit
 
 from audit import demo
 from audit.journal import JOURNAL
+from audit.records import DEFAULT_HIDDEN_STATES
 from qwen_jax.cli_contract import EXIT_BAD_INPUT
 
 pytestmark = pytest.mark.slow
@@ -41,6 +42,17 @@ def entries(journal: Path) -> int:
         return max(0, journal.read_bytes().count(b"\n") - 1)
     except FileNotFoundError:
         return 0
+
+
+def full_states_journaled(journal: Path) -> dict[str, list[int]]:
+    """Per side, the prompts whose journal entry holds full hidden states."""
+    kept = {"jax": [], "reference": []}
+    for line in journal.read_text(encoding="utf-8").splitlines()[1:]:
+        entry = json.loads(line)
+        data = entry["data"]["record"] if entry["side"] == "reference" else entry["data"]
+        if data.get("hidden") is not None:
+            kept[entry["side"]].append(entry["prompt"])
+    return {side: sorted(prompts) for side, prompts in kept.items()}
 
 
 def test_kill_9_then_rerun_gives_the_uninterrupted_report(tmp_path):
@@ -71,6 +83,8 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_report(tmp_path):
     rerun = run_audit(*args, "--report", str(report))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert entries(report / JOURNAL) == 2 * len(PROMPTS)  # each prompt of each side journaled exactly once
+    kept = full_states_journaled(report / JOURNAL)  # the default --hidden-states prompts only, on both sides
+    assert kept == {side: list(range(DEFAULT_HIDDEN_STATES)) for side in ("jax", "reference")}, kept
     assert without_timestamps(read_report(report)) == without_timestamps(read_report(tmp_path / "whole"))
 
     other = run_audit(*args[:-1], "5", "--report", str(report))  # another --max-new-tokens

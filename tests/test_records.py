@@ -152,6 +152,42 @@ def test_full_states_where_kept_give_the_exact_figures():
     assert report["hidden_states"]["diverging_without_full"] == []
 
 
+def test_a_diverging_prompt_needs_the_full_states_of_the_side_that_lacks_them():
+    """A live run recomputes a diverging prompt's full states where either side holds only summaries (the JAX
+    side keeps its own only where the reference does); not where both hold them, nor for an agreeing prompt."""
+    from audit.compare import full_states_needed
+
+    def jax_summaries_only(jax_run: JaxRun) -> JaxRun:
+        return dataclasses.replace(
+            jax_run, sequences=tuple(s.summarised(keep_hidden=False) for s in jax_run.sequences)
+        )
+
+    diverging = {"state": 3, "prompt": 1, "position": 40, "size": 1e-2}
+    reference, jax_run = _runs(diverging, full=(1,))
+    assert full_states_needed(reference, jax_run, "float32") == []
+    assert full_states_needed(reference, jax_summaries_only(jax_run), "float32") == [1]
+    reference, jax_run = _runs(diverging)
+    assert full_states_needed(reference, jax_run, "float32") == [1]
+    assert full_states_needed(*_runs(), "float32") == []
+
+
+def test_recomputed_full_states_are_checked_against_the_summaries():
+    """Recomputed full states are set where asked; a prompt whose recomputed states do not give its recorded
+    summaries bitwise is named in a warning."""
+    from audit.records import with_recomputed_hidden
+
+    reference, _ = _runs()
+    summarised = tuple(s.summarised(keep_hidden=False) for s in reference.sequences)
+    states = {0: _hidden(10), 1: _hidden(11) + np.float32(1e-3)}  # _runs's states: prompt 1's moved
+    sequences, warnings = with_recomputed_hidden(summarised, [0, 1], states.__getitem__, "JAX side")
+    assert all(np.array_equal(s.hidden, states[i]) for i, s in enumerate(sequences))
+    assert warnings == [
+        "prompt 1: the JAX side's recomputed hidden states differ from those it summarised first"
+    ]
+    sequences, warnings = with_recomputed_hidden(summarised, [1], lambda i: _hidden(11), "reference")
+    assert warnings == [] and sequences[0].hidden is None and sequences[1].hidden is not None
+
+
 def test_a_prompt_is_diverging_only_where_the_run_diverges():
     """A prompt over a layer's tolerance on its own, in a run whose layers agree over all prompts, is not a
     divergence (no recompute, no warning); past the tolerance over all prompts, it is."""
