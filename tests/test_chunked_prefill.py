@@ -152,3 +152,35 @@ def test_prefill_segment_must_be_whole_delta_rule_chunks(ckpt):
     _, model = models(ckpt, "float32")
     with pytest.raises(ValueError, match="prefill_segment must be a positive multiple of 64"):
         generate(model, [[1, 2, 3]], max_new_tokens=2, prefill_segment=100)
+
+
+EXPERT_PARALLEL = r"""
+import sys
+import jax, numpy as np
+jax.config.update("jax_cpu_enable_async_dispatch", False)
+import qwen_jax
+from qwen_jax.generate import generate, left_pad
+from qwen_jax.sharding import make_mesh, shard_model
+
+model = qwen_jax.load_hf(sys.argv[1], "float32")
+rs = np.random.RandomState(3)
+ids, mask = left_pad([list(rs.randint(0, 256, n)) for n in (450, 100)], 64)
+run = lambda m: generate(m, ids, mask, max_new_tokens=8, stop_token_ids=(), return_logits=True, prefill_segment=128)
+alone = run(model)
+layouts = {}
+for ep in (2, 4, 8):
+    with jax.set_mesh(mesh := make_mesh(ep, devices=jax.devices()[:ep])):
+        layouts[ep] = run(shard_model(model, mesh))
+    np.testing.assert_array_equal(layouts[ep].tokens, alone.tokens, err_msg=f"ep={ep}")
+    np.testing.assert_array_equal(layouts[ep].logits, layouts[2].logits, err_msg=f"ep={ep} differs from ep=2")
+print("segmented prefill: ep layouts bitwise identical")
+"""
+
+
+@pytest.mark.slow  # 8 fake devices in a subprocess: minutes on 2 cores
+def test_segmented_prefill_is_bitwise_equal_across_expert_parallel_layouts(ckpt):
+    from test_sharding import run_on_8_devices
+
+    result = run_on_8_devices(EXPERT_PARALLEL, ckpt, 900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "segmented prefill: ep layouts bitwise identical" in result.stdout
