@@ -4,6 +4,9 @@ The decode loop is one ``lax.while_loop`` inside one jit. Its shapes depend only
 (``max_length``) and the vocabulary, so it compiles once per (batch, max_length) whatever the prompts and however
 many new tokens are asked for: ``max_new_tokens`` is a traced value.
 
+A prompt longer than :data:`PREFILL_SEGMENT` tokens is prefilled in segments, each continuing the decode state, so
+the prefill's activations stay those of one segment (:func:`prefill_in_segments`).
+
 Prompt-length bucketing: prompts are left-padded to a multiple of ``pad_to_multiple`` (default 64) so that the
 prefill compiles once per bucket rather than once per prompt length. Extra left padding changes nothing in exact
 arithmetic (padded tokens are zeroed before the DeltaNet and masked in attention), but it shifts the chunk
@@ -249,8 +252,8 @@ def generate(
     (:mod:`qwen_jax.invariance`; in fp32 the decode steps still move in the last bits with the batch size).
 
     A (padded) prompt longer than ``prefill_segment`` tokens is prefilled in segments of that many (a multiple of
-    the delta rule's 64-token chunk; not in the batch-invariant mode), so the prefill's memory does not grow with the prompt beyond the decode
-    state; results agree with a one-shot prefill to rounding (:data:`PREFILL_SEGMENT`).
+    the delta rule's 64-token chunk; not in the batch-invariant mode), so the prefill's memory does not grow with
+    the prompt beyond the decode state; results agree with a one-shot prefill to rounding (:data:`PREFILL_SEGMENT`).
     """
     if prefill_segment <= 0 or prefill_segment % CHUNK_SIZE:
         raise ValueError(
