@@ -74,7 +74,7 @@ def test_blockwise_attention_over_the_cache_in_segments_is_one_call():
     close(np.asarray(whole)[real], np.asarray(attend(q, k, v, jnp.asarray(causal)))[real])
 
 
-@pytest.mark.slow  # ~25 s each on the shared 2-core machine; the default run has the greedy test below
+@pytest.mark.slow  # 12-18 s each on the shared machine; the default run has the greedy test below
 @pytest.mark.parametrize("segment", [128, 256])
 def test_fp32_segmented_prefill_matches_one_shot_and_hf(ckpt, segment):
     """Last-position logits within the fp32 parity bound of HF's and of the one-shot prefill's, and every leaf of
@@ -115,7 +115,7 @@ def test_fp32_greedy_after_a_segmented_prefill_is_token_identical_to_hf(ckpt):
     np.testing.assert_array_equal(ours.tokens, tokens)
 
 
-@pytest.mark.slow  # ~45 s on the shared machine: a second dtype's compiles; fp32 parity above is in the default run
+@pytest.mark.slow  # ~24 s on the shared machine: a second dtype's compiles; fp32 parity above is in the default run
 def test_bf16_segmented_prefill_no_further_from_hf_bf16_than_hf_bf16_from_fp32(ckpt):
     """bf16, as tests/test_model_parity.py's criterion: with e = max |HF-bf16 - HF-fp32| over the last logits, the
     segmented prefill's last logits are within 2e of HF-bf16's and of the one-shot prefill's, same top-1."""
