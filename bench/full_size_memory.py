@@ -9,7 +9,8 @@ per device, with the compile seconds. Programs:
 
 - ``forward_2048``: :func:`qwen_jax.forward` on [1, 2048] (full logits);
 - ``prefill_2048``, ``prefill_4096``, ``prefill_32768``: the generate prefill of one row (last-token logits, fills
-  the decode state of 2048 / 4096 / 32768 + 256 slots);
+  the decode state of 2048 / 4096 / 32768 + 256 slots); a prompt longer than ``--prefill-segment`` tokens (default
+  ``qwen_jax.generate.PREFILL_SEGMENT``, 4096) runs in segments of that many, each continuing the decode state;
 - ``decode_b1``, ``decode_b8``: the decode loop (``lax.while_loop`` over steps) for batch 1 and 8, 2048 + 256 slots.
 
 ``--mesh 8`` compiles under an 8-device ``ep`` mesh (experts split, :mod:`qwen_jax.sharding`); on a CPU it fakes the
@@ -36,7 +37,7 @@ MAX_PREFILL_RATIO = 8.0
 MAX_COMPILE_S = 25.0
 
 
-def compile_program(name: str, cfg, mesh):
+def compile_program(name: str, cfg, mesh, prefill_segment: int | None = None):
     """AOT-compiles one program on abstract bf16 parameters; returns (compiled, seconds)."""
     import importlib
 
@@ -76,7 +77,10 @@ def compile_program(name: str, cfg, mesh):
         if kind == "forward":
             lowered = _forward_jit.lower(graphdef, params, ids, ids, ids, "auto", False)
         else:
-            lowered = generate._prefill.lower(graphdef, params, ids, ids, length + DECODE_SLACK, "auto")
+            segment = prefill_segment or generate.PREFILL_SEGMENT
+            lowered = generate._prefill.lower(
+                graphdef, params, ids, ids, length + DECODE_SLACK, "auto", False, segment
+            )
     else:
         batch = int(size[1:])
         state = jax.eval_shape(lambda: init_decode_state(cfg, batch, 2048 + DECODE_SLACK, jnp.bfloat16))
@@ -88,7 +92,9 @@ def compile_program(name: str, cfg, mesh):
     return compiled, time.perf_counter() - t
 
 
-def measure(layers: list[int], programs: list[str], ep: int) -> list[dict]:
+def measure(
+    layers: list[int], programs: list[str], ep: int, prefill_segment: int | None = None
+) -> list[dict]:
     import jax
 
     from qwen_jax.config import ModelConfig
@@ -104,10 +110,10 @@ def measure(layers: list[int], programs: list[str], ep: int) -> list[dict]:
         cfg = dataclasses.replace(full, num_hidden_layers=n, layer_types=full.layer_types[:n])
         for name in programs:
             if mesh is None:
-                compiled, seconds = compile_program(name, cfg, None)
+                compiled, seconds = compile_program(name, cfg, None, prefill_segment)
             else:
                 with jax.set_mesh(mesh):
-                    compiled, seconds = compile_program(name, cfg, mesh)
+                    compiled, seconds = compile_program(name, cfg, mesh, prefill_segment)
             memory = compiled.memory_analysis()
             row = dict(
                 program=name,
@@ -168,6 +174,11 @@ def main() -> None:
     parser.add_argument(
         "--json", nargs="?", const="-", metavar="OUT", help="print the results as JSON (or write them to OUT)"
     )
+    parser.add_argument(
+        "--prefill-segment",
+        type=int,
+        help="tokens per prefill segment (default: qwen_jax.generate.PREFILL_SEGMENT)",
+    )
     parser.add_argument("--one-mesh", type=int, help=argparse.SUPPRESS)  # the child process of one mesh size
     args = parser.parse_args()
     layers = [int(n) for n in args.layers.split(",")]
@@ -176,7 +187,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown programs {unknown}; choose from {PROGRAMS}")
     if args.one_mesh is not None:  # the child: one mesh size, rows as JSON on stdout
-        print(json.dumps(measure(layers, programs, args.one_mesh)))
+        print(json.dumps(measure(layers, programs, args.one_mesh, args.prefill_segment)))
         return
     rows = []
     for ep in (int(n) for n in args.mesh.split(",")):
@@ -186,9 +197,16 @@ def main() -> None:
                 f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={ep}".strip()
             )
         command = [sys.executable, __file__, "--layers", args.layers, "--programs", args.programs]
+        if args.prefill_segment:
+            command += ["--prefill-segment", str(args.prefill_segment)]
         done = subprocess.run([*command, "--one-mesh", str(ep)], env=env, stdout=subprocess.PIPE, check=True)
         rows += json.loads(done.stdout)
-    result = {"platform": _platform(), "rows": rows, "acceptance": acceptance(rows)}
+    result = {
+        "platform": _platform(),
+        "prefill_segment": args.prefill_segment or _default_segment(),
+        "rows": rows,
+        "acceptance": acceptance(rows),
+    }
     if args.json != "-":
         print(table(rows))
         print(json.dumps(result["acceptance"], indent=1))
@@ -201,6 +219,12 @@ def main() -> None:
             with open(tmp, "w") as f:
                 f.write(text)
             os.replace(tmp, args.json)
+
+
+def _default_segment() -> int:
+    from qwen_jax.generate import PREFILL_SEGMENT
+
+    return PREFILL_SEGMENT
 
 
 def _platform() -> str:

@@ -138,15 +138,22 @@ def _pad_keys(k: jax.Array, v: jax.Array, key_mask: jax.Array) -> tuple[jax.Arra
     return k, v, jnp.pad(key_mask > 0, ((0, 0), (0, pad)))
 
 
-def blockwise_attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
-    """Causal attention of L queries over their own L keys, in blocks of :data:`KEY_BLOCK` keys: memory linear in L.
+def blockwise_attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_start: jax.Array | int = 0
+) -> jax.Array:
+    """Causal attention of L queries in blocks of :data:`KEY_BLOCK` keys: memory linear in the length.
 
-    q: [B, L, Hq, D]; k, v: [B, L, Hkv, D]; key_mask: [B, L], 1 for real tokens. Query l sees key t when t <= l
-    and t is real (see :func:`two_pass_attend`); the output is rounded once at the end. Returns [B, L, Hq, D].
+    q: [B, L, Hq, D], the queries at key slots ``query_start`` .. ``query_start + L - 1``; k, v: [B, T, Hkv, D];
+    key_mask: [B, T], 1 for real keys. A forward passes the call's own keys (T == L, ``query_start`` 0); a prefill
+    segment passes the decode state's keys with its own written at ``query_start`` (traced), after those of the
+    segments before it. Query l sees key t when t <= query_start + l and t is real (see :func:`two_pass_attend`);
+    only the key blocks up to the last query's are computed, and the blocks are at fixed key slots, so a query's
+    result is the same whether its keys came in one call or in several. The output is rounded once at the end.
+    Returns [B, L, Hq, D].
     """
-    length, n_kv = k.shape[1], k.shape[2]
+    length, n_kv = q.shape[1], k.shape[2]
     k, v, key_mask = _pad_keys(k, v, key_mask)
-    queries = jnp.arange(length)
+    queries = query_start + jnp.arange(length)
 
     def block(i):
         """Block i's keys, values and visibility [B, 1, 1, L, KEY_BLOCK]."""
@@ -158,7 +165,9 @@ def blockwise_attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
         visible = (keys[None, :] <= queries[:, None])[None] & real[:, None, :]
         return block_k, block_v, visible[:, None, None]
 
-    acc = two_pass_attend(_group_queries(q, n_kv), k.shape[1] // KEY_BLOCK, block)
+    # Up to the last query's block (traced when the start is).
+    n_blocks = (query_start + length - 1) // KEY_BLOCK + 1
+    acc = two_pass_attend(_group_queries(q, n_kv), n_blocks, block)
     return acc.astype(v.dtype).reshape(q.shape)
 
 
@@ -255,7 +264,8 @@ class GatedAttention(nnx.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         """x [B, L, hidden] -> (out [B, L, hidden], the cache with this call's keys and values written, or None).
 
-        A forward or prefill attends blockwise to the call's own keys; a decode step attends to the whole cache.
+        A forward attends blockwise to the call's own keys, a prefill (or one segment of a long one) blockwise to the
+        cache's keys up to its own; a decode step attends to the whole cache.
         In the batch-invariant mode both go through :func:`invariant_attend`, and padded keys are zeroed.
         """
         q, k, v, gate = self.project_qkv(x, context.cos, context.sin)
@@ -272,6 +282,8 @@ class GatedAttention(nnx.Module):
             attn = invariant_attend(q, k, v, context.attention_mask, slots, QUERY_BLOCK)
         elif context.decoding:
             attn = attend(q, cache.keys, cache.values, context.key_mask[:, None, :] > 0)
+        elif cache is not None:  # a prefill, or one segment of it: the state's keys, this call's included
+            attn = blockwise_attend(q, *cache, context.key_mask, context.cache_start)
         else:
             attn = blockwise_attend(q, k, v, context.attention_mask)
         return self.output(attn, gate), cache

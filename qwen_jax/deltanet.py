@@ -68,10 +68,14 @@ class GatedDeltaNet(nnx.Module):
     ) -> tuple[jax.Array, DeltaNetState | None]:
         """x [B, L, hidden] -> (out [B, L, hidden], the new state, or None without one).
 
-        A forward or prefill starts from zeros (padded tokens zeroed); a decode step continues ``state``.
+        A forward starts from zeros (padded tokens zeroed); a decode step continues ``state``, and so does a prefill
+        of more than one token (padded tokens zeroed): a long prompt's segment continues the state of the segments
+        before it. A one-token prefill starts from zeros (its state is empty), in the chunked form as HF's.
         """
         if context.decoding:
             out, history, recurrent = self.mix(x, None, state.conv, state.recurrent)
+        elif state is not None and x.shape[1] > 1:  # one token with a state would run the decode step's form
+            out, history, recurrent = self.mix(x, context.attention_mask, state.conv, state.recurrent)
         else:
             out, history, recurrent = self.mix(x, context.attention_mask)
         return out, None if state is None else DeltaNetState(history, recurrent)

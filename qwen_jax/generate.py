@@ -4,6 +4,9 @@ The decode loop is one ``lax.while_loop`` inside one jit. Its shapes depend only
 (``max_length``) and the vocabulary, so it compiles once per (batch, max_length) whatever the prompts and however
 many new tokens are asked for: ``max_new_tokens`` is a traced value.
 
+A prompt longer than :data:`PREFILL_SEGMENT` tokens is prefilled in segments, each continuing the decode state, so
+the prefill's activations stay those of one segment (:func:`prefill_in_segments`).
+
 Prompt-length bucketing: prompts are left-padded to a multiple of ``pad_to_multiple`` (default 64) so that the
 prefill compiles once per bucket rather than once per prompt length. Extra left padding changes nothing in exact
 arithmetic (padded tokens are zeroed before the DeltaNet and masked in attention), but it shifts the chunk
@@ -23,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from qwen_jax.cache import DecodeState, init_decode_state
+from qwen_jax.delta_rule import CHUNK_SIZE
 from qwen_jax.invariance import batch_invariant_mode, check_right_padded
 from qwen_jax.limits import check_generation
 from qwen_jax.model import Qwen35MoeForCausalLM, default_positions, run_decoder
@@ -71,16 +75,74 @@ def left_pad(
     return pad_prompts(prompts, multiple, pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_length", "moe_backend", "batch_invariant"))
-def _prefill(graphdef, params, input_ids, attention_mask, max_length, moe_backend, batch_invariant=False):
+#: Tokens per segment of a long prompt's prefill. A prefill's activations (the MoE's sorted rows, the projections'
+#: outputs: [tokens, width] per layer) grow with the tokens of one call; in segments of this many they stay bounded,
+#: whatever the prompt length. A multiple of the delta rule's chunk (64), so the segments cut no chunk (attention's
+#: key blocks sit at fixed cache slots): the same sums in the same order as a one-shot prefill. Not bit for bit the
+#: same results (XLA:CPU fuses and vectorises a program of another length differently: fp32 logits within 1e-5 on
+#: the tiny checkpoints, tests/test_chunked_prefill.py). Chosen by measuring temp at full size (README "Memory at
+#: full size").
+PREFILL_SEGMENT = 4096
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_length", "moe_backend", "batch_invariant", "segment")
+)
+def _prefill(
+    graphdef,
+    params,
+    input_ids,
+    attention_mask,
+    max_length,
+    moe_backend,
+    batch_invariant=False,
+    segment=PREFILL_SEGMENT,
+):
+    """The last position's logits [B, vocab] and the decode state after the prompt ``input_ids`` [B, L]. A prompt
+    longer than ``segment`` tokens runs in segments (:func:`prefill_in_segments`), except in the batch-invariant
+    mode, which runs it in one call."""
     model = nnx.merge(graphdef, params)
     cache = init_decode_state(model.cfg, input_ids.shape[0], max_length, model.dtype)
     positions = default_positions(attention_mask)
     with batch_invariant_mode(batch_invariant):
-        logits, _, _, cache, _ = run_decoder(
-            model, input_ids, attention_mask, positions, moe_backend, cache, last_only=True, prefill=True
-        )
+        if batch_invariant or input_ids.shape[1] <= segment:
+            return prefill_segment(model, input_ids, attention_mask, positions, cache, moe_backend)
+        return prefill_in_segments(model, input_ids, attention_mask, positions, cache, moe_backend, segment)
+
+
+def prefill_segment(model, input_ids, attention_mask, positions, cache: DecodeState, moe_backend: str):
+    """One prefill call on ``input_ids`` [B, L] (all arrays [B, L]) that continues ``cache``: (the last position's
+    logits [B, vocab], the extended cache)."""
+    logits, _, _, cache, _ = run_decoder(
+        model, input_ids, attention_mask, positions, moe_backend, cache, last_only=True, prefill=True
+    )
     return logits[:, -1], cache
+
+
+def prefill_in_segments(
+    model, input_ids, attention_mask, positions, cache: DecodeState, moe_backend, segment
+):
+    """The prefill of a long prompt in segments of ``segment`` tokens, each continuing the decode state of those
+    before it (the attention keys and values, the DeltaNet's conv history and recurrent state): one call on the
+    first ``L % segment`` tokens if any, then a ``lax.fori_loop`` over the whole segments, whose body compiles once.
+    The loop carries the latest segment's last-position logits. Returns (logits [B, vocab], cache)."""
+    batch, length = input_ids.shape
+    lead = length % segment
+    if lead:
+        logits, cache = prefill_segment(
+            model, input_ids[:, :lead], attention_mask[:, :lead], positions[:, :lead], cache, moe_backend
+        )
+    else:
+        logits = jnp.zeros((batch, model.cfg.vocab_size), model.dtype)  # replaced by the first segment's
+
+    def one_segment(i, carry):
+        start = lead + i * segment
+        window = (
+            jax.lax.dynamic_slice_in_dim(x, start, segment, 1) for x in (input_ids, attention_mask, positions)
+        )
+        return prefill_segment(model, *window, carry[1], moe_backend)
+
+    return jax.lax.fori_loop(0, length // segment, one_segment, (logits, cache))
 
 
 def decode_step(
@@ -175,6 +237,7 @@ def generate(
     return_logits: bool = False,
     moe_backend: str = "auto",
     batch_invariant: bool = False,
+    prefill_segment: int = PREFILL_SEGMENT,
 ) -> Generation:
     """Greedy decoding of a left-padded batch (right-padded with ``batch_invariant``).
 
@@ -187,7 +250,15 @@ def generate(
     With ``batch_invariant=True`` prompts are right-padded (an array must be already) and, in bf16, every row's
     tokens and logits are bit for bit those it gets alone, whatever the batch and the bucket
     (:mod:`qwen_jax.invariance`; in fp32 the decode steps still move in the last bits with the batch size).
+
+    A (padded) prompt longer than ``prefill_segment`` tokens is prefilled in segments of that many (a multiple of
+    the delta rule's 64-token chunk; not in the batch-invariant mode), so the prefill's memory does not grow with
+    the prompt beyond the decode state; results agree with a one-shot prefill to rounding (:data:`PREFILL_SEGMENT`).
     """
+    if prefill_segment <= 0 or prefill_segment % CHUNK_SIZE:
+        raise ValueError(
+            f"prefill_segment must be a positive multiple of {CHUNK_SIZE}, got {prefill_segment}"
+        )
     if isinstance(input_ids, list | tuple) and input_ids and not np.isscalar(input_ids[0]):
         input_ids, attention_mask = pad_prompts(
             input_ids, pad_to_multiple, pad_token_id, right=batch_invariant
@@ -220,7 +291,7 @@ def generate(
 
     graphdef, params = nnx.split(model)
     first_logits, cache = _prefill(
-        graphdef, params, input_ids, attention_mask, max_length, moe_backend, batch_invariant
+        graphdef, params, input_ids, attention_mask, max_length, moe_backend, batch_invariant, prefill_segment
     )
     tokens, logits, steps, _ = _decode_loop(
         graphdef,

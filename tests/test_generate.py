@@ -29,18 +29,25 @@ def models(path: str, dtype: str):
     return hf_reference.load_hf_reference(path, dtype), load_hf(path, dtype)
 
 
-def hf_greedy(hf, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def hf_greedy(
+    hf, ids: np.ndarray, mask: np.ndarray, new_tokens: int = NEW_TOKENS, first_logits: bool = False
+):
+    """HF's greedy tokens [B, new_tokens] after the left-padded prompts; with ``first_logits`` also the logits
+    [B, vocab] the first token was chosen from."""
     with torch.no_grad():
         out = hf.generate(
             torch.as_tensor(ids, dtype=torch.long),
             attention_mask=torch.as_tensor(mask, dtype=torch.long),
             do_sample=False,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
             eos_token_id=None,
             pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
-    return out[:, ids.shape[1] :].numpy()
+    tokens = out.sequences[:, ids.shape[1] :].numpy()
+    return (tokens, out.logits[0].numpy()) if first_logits else tokens
 
 
 def first_divergence(a: np.ndarray, b: np.ndarray) -> int | None:
