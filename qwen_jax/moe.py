@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from qwen_jax.config import ModelConfig
-from qwen_jax.invariance import ROW_TILE, batch_invariant, map_row_tiles
+from qwen_jax.invariance import ROW_TILE, batch_invariant, in_decode_step, map_row_tiles
 from qwen_jax.ops import F32, dense, sigmoid, swiglu, tie_to
 from qwen_jax.sharding import DP, EP, expert_parallel_size
 
@@ -236,14 +236,17 @@ def auto_expert_ffn(x_sorted, group_sizes, gate_up, down):
     return ragged_expert_ffn(x_sorted, group_sizes, gate_up, down)
 
 
-#: Rows per expert block in the batch-invariant mode.
+#: Rows per expert block in the batch-invariant mode: in a forward or a prefill, and in a decode step.
 INVARIANT_EXPERT_BLOCK = ROW_TILE
+INVARIANT_DECODE_EXPERT_BLOCK = 4
 
 
 def invariant_expert_ffn(x_sorted, group_sizes, gate_up, down):
-    """The batch-invariant mode's experts: always blocks of :data:`INVARIANT_EXPERT_BLOCK` rows, so a row is
-    computed by the same fixed-shape matmuls whatever the number of rows."""
-    return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, INVARIANT_EXPERT_BLOCK)
+    """The batch-invariant mode's experts: always blocks of :data:`INVARIANT_EXPERT_BLOCK` rows (of
+    :data:`INVARIANT_DECODE_EXPERT_BLOCK` in a decode step), so a row is computed by the same fixed-shape matmuls
+    whatever the number of rows."""
+    block = INVARIANT_DECODE_EXPERT_BLOCK if in_decode_step() else INVARIANT_EXPERT_BLOCK
+    return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block)
 
 
 def expert_backend(name: str) -> Callable:
