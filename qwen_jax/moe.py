@@ -223,29 +223,34 @@ def _varying_like(x: jax.Array, reference: jax.Array) -> jax.Array:
     return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
-#: Up to this many (token, slot) rows, ``auto`` gathers per-row expert weights (decode); above, grouped matmuls.
-GATHER_MAX_ROWS = 64
+#: Up to this many (token, slot) rows, ``auto`` gathers per-row expert weights (a batch-1 decode step); above,
+#: grouped matmuls. A gather copies one expert's weights per row, so more rows than this copy more than the blocks.
+GATHER_MAX_ROWS = 8
+
+#: Rows per expert block of a decode step's grouped matmul (both modes): a step has a few rows per expert.
+DECODE_EXPERT_BLOCK = 4
 
 
 def auto_expert_ffn(x_sorted, group_sizes, gate_up, down):
-    """Per-row gathers for a few rows (decode), else ``ragged_dot`` on accelerators and blocks on the CPU."""
+    """Per-row gathers for a few rows (batch-1 decode), else ``ragged_dot`` on accelerators and blocks on the CPU
+    (small blocks in a decode step)."""
     if x_sorted.shape[0] <= GATHER_MAX_ROWS:
         return gather_expert_ffn(x_sorted, group_sizes, gate_up, down)
     if jax.default_backend() == "cpu":
-        return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down)
+        block = DECODE_EXPERT_BLOCK if in_decode_step() else 32
+        return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block)
     return ragged_expert_ffn(x_sorted, group_sizes, gate_up, down)
 
 
-#: Rows per expert block in the batch-invariant mode: in a forward or a prefill, and in a decode step.
+#: Rows per expert block in the batch-invariant mode (a decode step's: :data:`DECODE_EXPERT_BLOCK`).
 INVARIANT_EXPERT_BLOCK = ROW_TILE
-INVARIANT_DECODE_EXPERT_BLOCK = 4
 
 
 def invariant_expert_ffn(x_sorted, group_sizes, gate_up, down):
     """The batch-invariant mode's experts: always blocks of :data:`INVARIANT_EXPERT_BLOCK` rows (of
-    :data:`INVARIANT_DECODE_EXPERT_BLOCK` in a decode step), so a row is computed by the same fixed-shape matmuls
-    whatever the number of rows."""
-    block = INVARIANT_DECODE_EXPERT_BLOCK if in_decode_step() else INVARIANT_EXPERT_BLOCK
+    :data:`DECODE_EXPERT_BLOCK` in a decode step), so a row is computed by the same fixed-shape matmuls whatever the
+    number of rows."""
+    block = DECODE_EXPERT_BLOCK if in_decode_step() else INVARIANT_EXPERT_BLOCK
     return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block)
 
 
