@@ -68,7 +68,7 @@ def instruction_scopes(hlo_text: str) -> dict[str, str]:
     return own
 
 
-def profile(jitted, args: tuple, runs: int, label: str) -> None:
+def profile(jitted, args: tuple, runs: int, label: str, top: int = 10) -> None:
     import jax
 
     scopes = instruction_scopes(jitted.lower(*args).compile().as_text())
@@ -96,7 +96,7 @@ def profile(jitted, args: tuple, runs: int, label: str) -> None:
     for scope, ms in by_scope.most_common():
         print(f"   {scope:24s} {ms:8.2f}")
     print("   largest (scope, instruction kind):")
-    for (scope, kind), ms in by_kind.most_common(10):
+    for (scope, kind), ms in by_kind.most_common(top):
         print(f"   {scope:24s} {kind:40s} {ms:8.2f}")
 
 
@@ -107,6 +107,15 @@ def main() -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument(
+        "--top", type=int, default=10, help="how many (scope, instruction kind) rows to print"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=1, help="rows (different prompts: a batch touches more experts)"
+    )
+    parser.add_argument(
+        "--invariant", action="store_true", help="the batch-invariant mode (batch_invariant=True)"
+    )
     args = parser.parse_args()
     import jax
     import jax.numpy as jnp
@@ -115,18 +124,29 @@ def main() -> int:
 
     import qwen_jax
     from qwen_jax.generate import _prefill, decode_step
+    from qwen_jax.invariance import batch_invariant_mode
 
     with tempfile.TemporaryDirectory() as tmp:
         build_checkpoint(Path(tmp))
         model = qwen_jax.load_hf(tmp, args.dtype)
     graphdef, params = nnx.split(model)
-    ids = prompt_ids(args.prompt).astype("int32")
+    ids = prompt_ids(args.prompt, rows=args.batch).astype("int32")
     mask, max_length = np.ones_like(ids), args.prompt + 128
-    prefill = (graphdef, params, ids, mask, max_length, "auto")
-    profile(_prefill, prefill, args.runs, f"prefill [1, {args.prompt}] {args.dtype}")
+    prefill = (graphdef, params, ids, mask, max_length, "auto", args.invariant)
+    mode = "invariant" if args.invariant else "default"
+    profile(
+        _prefill, prefill, args.runs, f"prefill [{args.batch}, {args.prompt}] {args.dtype} {mode}", args.top
+    )
     _, cache = _prefill(*prefill)
-    step = jax.jit(lambda p, token, c: decode_step(nnx.merge(graphdef, p), token, c))
-    profile(step, (params, jnp.asarray([1], jnp.int32), cache), args.runs, f"decode step {args.dtype}")
+
+    def one_step(p, token, c):
+        with batch_invariant_mode(args.invariant):
+            return decode_step(nnx.merge(graphdef, p), token, c)
+
+    token = jnp.arange(1, args.batch + 1, dtype=jnp.int32) * 997  # a different token per row
+    profile(
+        jax.jit(one_step), (params, token, cache), args.runs, f"decode step {args.dtype} {mode}", args.top
+    )
     return 0
 
 

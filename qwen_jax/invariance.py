@@ -46,6 +46,7 @@ import numpy as np
 ROW_TILE = 16
 
 _MODE = contextvars.ContextVar("qwen_jax_batch_invariant", default=False)
+_DECODE_STEP = contextvars.ContextVar("qwen_jax_decode_step", default=False)
 
 
 @contextlib.contextmanager
@@ -61,6 +62,22 @@ def batch_invariant_mode(enabled: bool = True) -> Iterator[None]:
 def batch_invariant() -> bool:
     """Whether the code being traced is in the batch-invariant mode."""
     return _MODE.get()
+
+
+@contextlib.contextmanager
+def decode_step_mode(decoding: bool) -> Iterator[None]:
+    """Traces the enclosed code as a decode step (one new token per row, read against a state) or not (a forward
+    or a prefill). A program is one or the other whatever its batch, so a block may choose its tiling by it."""
+    token = _DECODE_STEP.set(decoding)
+    try:
+        yield
+    finally:
+        _DECODE_STEP.reset(token)
+
+
+def in_decode_step() -> bool:
+    """Whether the code being traced is a decode step (see :func:`decode_step_mode`)."""
+    return _DECODE_STEP.get()
 
 
 def isolated(fn: Callable, *operands: jax.Array) -> object:

@@ -21,7 +21,13 @@ from qwen_jax.attention import GatedAttention
 from qwen_jax.cache import DecodeState, LayerState, TokenContext
 from qwen_jax.config import ModelConfig
 from qwen_jax.deltanet import GatedDeltaNet
-from qwen_jax.invariance import batch_invariant, batch_invariant_mode, check_right_padded, fence
+from qwen_jax.invariance import (
+    batch_invariant,
+    batch_invariant_mode,
+    check_right_padded,
+    decode_step_mode,
+    fence,
+)
 from qwen_jax.moe import Routing, SparseMoe, router_logits
 from qwen_jax.norms import RMSNorm
 from qwen_jax.ops import dense, tie_to
@@ -203,7 +209,7 @@ def run_decoder(
     states = cache.layers if cache is not None else (None,) * len(model.layers)
     hidden, routings, new_states, captured = [h], [], [], {name: [] for name in capture}
     for index, (layer, state) in enumerate(zip(model.layers, states, strict=True)):
-        with jax.named_scope(f"layer_{index}"):
+        with jax.named_scope(f"layer_{index}"), decode_step_mode(decoding):
             h, state, routing, layer_captured = layer(h, context, state, moe_backend, capture)
         hidden.append(h)
         routings.append(routing)

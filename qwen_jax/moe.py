@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from qwen_jax.config import ModelConfig
-from qwen_jax.invariance import ROW_TILE, batch_invariant, map_row_tiles
+from qwen_jax.invariance import ROW_TILE, batch_invariant, in_decode_step, map_row_tiles
 from qwen_jax.ops import F32, dense, sigmoid, swiglu, tie_to
 from qwen_jax.sharding import DP, EP, expert_parallel_size
 
@@ -223,27 +223,35 @@ def _varying_like(x: jax.Array, reference: jax.Array) -> jax.Array:
     return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
-#: Up to this many (token, slot) rows, ``auto`` gathers per-row expert weights (decode); above, grouped matmuls.
-GATHER_MAX_ROWS = 64
+#: Up to this many (token, slot) rows, ``auto`` gathers per-row expert weights (a batch-1 decode step); above,
+#: grouped matmuls. A gather copies one expert's weights per row, so more rows than this copy more than the blocks.
+GATHER_MAX_ROWS = 8
+
+#: Rows per expert block of a decode step's grouped matmul (both modes): a step has a few rows per expert.
+DECODE_EXPERT_BLOCK = 4
 
 
 def auto_expert_ffn(x_sorted, group_sizes, gate_up, down):
-    """Per-row gathers for a few rows (decode), else ``ragged_dot`` on accelerators and blocks on the CPU."""
+    """Per-row gathers for a few rows (batch-1 decode), else ``ragged_dot`` on accelerators and blocks on the CPU
+    (small blocks in a decode step)."""
     if x_sorted.shape[0] <= GATHER_MAX_ROWS:
         return gather_expert_ffn(x_sorted, group_sizes, gate_up, down)
     if jax.default_backend() == "cpu":
-        return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down)
+        block = DECODE_EXPERT_BLOCK if in_decode_step() else 32
+        return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block)
     return ragged_expert_ffn(x_sorted, group_sizes, gate_up, down)
 
 
-#: Rows per expert block in the batch-invariant mode.
+#: Rows per expert block in the batch-invariant mode (a decode step's: :data:`DECODE_EXPERT_BLOCK`).
 INVARIANT_EXPERT_BLOCK = ROW_TILE
 
 
 def invariant_expert_ffn(x_sorted, group_sizes, gate_up, down):
-    """The batch-invariant mode's experts: always blocks of :data:`INVARIANT_EXPERT_BLOCK` rows, so a row is
-    computed by the same fixed-shape matmuls whatever the number of rows."""
-    return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, INVARIANT_EXPERT_BLOCK)
+    """The batch-invariant mode's experts: always blocks of :data:`INVARIANT_EXPERT_BLOCK` rows (of
+    :data:`DECODE_EXPERT_BLOCK` in a decode step), so a row is computed by the same fixed-shape matmuls whatever the
+    number of rows."""
+    block = DECODE_EXPERT_BLOCK if in_decode_step() else INVARIANT_EXPERT_BLOCK
+    return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block)
 
 
 def expert_backend(name: str) -> Callable:
