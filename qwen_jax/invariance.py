@@ -25,10 +25,11 @@ sum over a row's features runs on a fixed shape:
 is untouched, and the two modes' numbers differ (they round in different places); each keeps the parity bounds
 against transformers.
 
-Status (tests/test_batch_invariance.py): forward logits and hidden states are bitwise invariant in fp32 and bf16,
-on one device and on ``ep`` meshes; greedy decoding is in bf16. In fp32 a decode step's logits still move by about
-1e-7 with the batch size: the DeltaNet's one-token delta rule, run per row here, compiles differently inside the
-decode program than alone (on the same inputs, alone, it is invariant). Not yet found why.
+Status (tests/test_batch_invariance.py): forward logits and hidden states, greedy tokens and their logits are
+bitwise invariant in fp32 and bf16, on one device and on ``ep`` meshes. What fp32 decoding needed: a map over a
+single entry (one row, or one tile) keeps its loop body in the loop (:func:`opaque_map`'s spare entry); hoisted
+out and fused with its producers, XLA:CPU summed the DeltaNet's l2 norm in another order (a reassociated vector
+reduction along the key dimension instead of a sum per row).
 """
 
 from __future__ import annotations
@@ -97,9 +98,17 @@ def fence(*values):
 def opaque_map(fn: Callable, xs) -> object:
     """``jax.lax.map(fn, xs)`` as a loop XLA cannot drop: its trip count is hidden behind an optimization barrier.
     XLA inlines a loop that runs once, and the inlined body compiles differently (measured: a 1-token forward's
-    last layer came out 1.2e-7 off the same token in a batch); a loop kept as a loop compiles its body alone."""
+    last layer came out 1.2e-7 off the same token in a batch); a loop kept as a loop compiles its body alone.
+
+    With one entry (``n == 1``) the operands get a spare zero entry, never computed: XLA drops the index of a
+    dynamic slice that spans its whole axis, the body then no longer depends on the loop and is hoisted out of it
+    and fused with its producers, which rounds differently (measured in fp32 decoding: the DeltaNet's l2 norm on a
+    single full 16-row tile summed in another order, batch 1's delta rule fused with the conv, batch 16's decode
+    step: logits up to 2e-6 off)."""
     n = jax.tree.leaves(xs)[0].shape[0]
     out_shape = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], xs))
+    if n == 1:
+        xs = jax.tree.map(lambda x: jnp.pad(x, [(0, 1)] + [(0, 0)] * (x.ndim - 1)), xs)
     (count,) = jax.lax.optimization_barrier((jnp.int32(n),))
 
     def body(i, out):

@@ -87,3 +87,36 @@ def test_solve_unit_lower_matches_a_float64_solve(n):
     exact = np.linalg.solve(np.eye(n) + np.tril(a, -1), b)
     ours = np.asarray(solve_unit_lower(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
     np.testing.assert_allclose(ours, exact, rtol=0, atol=2e-5)
+
+
+def test_invariant_decode_mixer_does_not_depend_on_the_batch(tiny_checkpoints):
+    """The DeltaNet's decode step in the batch-invariant mode (causal conv, q/k l2 norms on 16-row tiles, the delta
+    rule row by row), fp32: a row's output, conv history and state are bitwise the same at batch 1, 2, 8 (its q/k
+    rows, 8 x 2 heads, are exactly one tile). Without :func:`~qwen_jax.invariance.opaque_map`'s spare entry
+    batch 8's l2 norm and batch 1's delta rule were hoisted out of their one-trip loops and rounded differently."""
+    import jax
+
+    import qwen_jax
+    from qwen_jax.invariance import ROW_TILE, batch_invariant_mode
+
+    model = qwen_jax.load_hf(tiny_checkpoints("hv2hk_top2of8"), "float32")
+    cfg, mixer = model.cfg, model.layers[0].linear_attn
+    assert cfg.linear_num_key_heads * 8 == ROW_TILE  # batch 8 fills one tile exactly
+
+    @jax.jit
+    def step(x, history, state):
+        with batch_invariant_mode():
+            return mixer.mix(x, None, history, state)
+
+    rs = np.random.RandomState(0)
+    n = 8
+    state_shape = (n, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
+    for draw in range(3):  # before: 16 of 20 draws differed at batch 8
+        x = jnp.asarray(rs.randn(n, 1, cfg.hidden_size), jnp.float32)
+        history = jnp.asarray(rs.randn(n, cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim), jnp.float32)
+        state = jnp.asarray(rs.randn(*state_shape) * 0.3, jnp.float32)
+        alone = step(x[:1], history[:1], state[:1])
+        for batch in (2, 8):
+            together = step(x[:batch], history[:batch], state[:batch])
+            for a, b in zip(alone, together, strict=True):
+                assert np.array_equal(a[0], b[0]), (draw, batch, float(np.abs(a[0] - b[0]).max()))
