@@ -247,9 +247,9 @@ def generate(
     new tokens); by default the padded prompt plus ``max_new_tokens``, rounded up to 256. The decode loop compiles
     once per (batch, max_length).
 
-    With ``batch_invariant=True`` prompts are right-padded (an array must be already) and, in bf16, every row's
-    tokens and logits are bit for bit those it gets alone, whatever the batch and the bucket
-    (:mod:`qwen_jax.invariance`; in fp32 the decode steps still move in the last bits with the batch size).
+    With ``batch_invariant=True`` prompts are right-padded (an array must be already) and every row's tokens and
+    logits (fp32 and bf16) are bit for bit those it gets alone, whatever the batch and the bucket
+    (:mod:`qwen_jax.invariance`).
 
     A (padded) prompt longer than ``prefill_segment`` tokens is prefilled in segments of that many (a multiple of
     the delta rule's 64-token chunk; not in the batch-invariant mode), so the prefill's memory does not grow with

@@ -9,7 +9,8 @@ sum over a row's features runs on a fixed shape:
 
 - per-token work (the dense projections, lm_head, the norms, the router) runs on tiles of :data:`ROW_TILE` rows
   (:func:`map_row_tiles`): one fixed-shape program applied tile after tile, whatever the number of rows;
-- the routed experts run on blocks of :data:`ROW_TILE` rows of one expert (``qwen_jax.moe.blocked_expert_ffn``),
+- the routed experts run on blocks of one expert (``qwen_jax.moe.blocked_expert_ffn``) of :data:`ROW_TILE` rows
+  in a forward or prefill and of ``qwen_jax.moe.DECODE_EXPERT_BLOCK`` in a decode step (:func:`decode_step_mode`),
   whatever the row count (the default mode switches to per-row gathers for a few rows);
 - attention runs one row at a time, on blocks of queries over fixed-size key blocks, where a fully masked block
   leaves the softmax statistics bit for bit unchanged (:func:`qwen_jax.attention.invariant_attend`), so neither
