@@ -52,13 +52,17 @@ _DECODE_STEP = contextvars.ContextVar("qwen_jax_decode_step", default=False)
 
 
 @contextlib.contextmanager
-def batch_invariant_mode(enabled: bool = True) -> Iterator[None]:
-    """Traces the enclosed code in the batch-invariant mode (or, with ``enabled=False``, in the default one)."""
-    token = _MODE.set(enabled)
+def _tracing_with(switch: contextvars.ContextVar, value: bool) -> Iterator[None]:
+    token = switch.set(value)
     try:
         yield
     finally:
-        _MODE.reset(token)
+        switch.reset(token)
+
+
+def batch_invariant_mode(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Traces the enclosed code in the batch-invariant mode (or, with ``enabled=False``, in the default one)."""
+    return _tracing_with(_MODE, enabled)
 
 
 def batch_invariant() -> bool:
@@ -66,15 +70,10 @@ def batch_invariant() -> bool:
     return _MODE.get()
 
 
-@contextlib.contextmanager
-def decode_step_mode(decoding: bool) -> Iterator[None]:
+def decode_step_mode(decoding: bool) -> contextlib.AbstractContextManager:
     """Traces the enclosed code as a decode step (one new token per row, read against a state) or not (a forward
     or a prefill). A program is one or the other whatever its batch, so a block may choose its tiling by it."""
-    token = _DECODE_STEP.set(decoding)
-    try:
-        yield
-    finally:
-        _DECODE_STEP.reset(token)
+    return _tracing_with(_DECODE_STEP, decoding)
 
 
 def in_decode_step() -> bool:
