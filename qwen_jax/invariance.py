@@ -91,7 +91,8 @@ def isolated(fn: Callable, *operands: jax.Array) -> object:
 
 def fence(*values):
     """``values`` (pytrees of arrays) behind an optimization barrier in the batch-invariant mode, unchanged
-    otherwise: a layer's blocks are not merged with their neighbours while XLA simplifies (a precaution, as :func:`isolated`; not sufficient alone, see the module's status)."""
+    otherwise: a layer's blocks are not merged with their neighbours while XLA simplifies (a precaution, as
+    :func:`isolated`; not sufficient alone, see the module's status)."""
     return jax.lax.optimization_barrier(values) if batch_invariant() else values
 
 

@@ -106,8 +106,12 @@ def _block_mask(i, size, block: int) -> jax.Array:
     return (i * block + jnp.arange(block) < size)[:, None]
 
 
+#: Rows per expert block of the CPU's grouped matmul in a forward or prefill (default mode).
+EXPERT_BLOCK = 32
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block: int = 32):
+def blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block: int = EXPERT_BLOCK):
     """A grouped matmul as two loops: over the experts, and within each over ``block``-row blocks of its rows.
 
     Each expert's weights are sliced once (XLA:CPU copies a dynamic slice, so slicing them per block would copy
@@ -237,7 +241,7 @@ def auto_expert_ffn(x_sorted, group_sizes, gate_up, down):
     if x_sorted.shape[0] <= GATHER_MAX_ROWS:
         return gather_expert_ffn(x_sorted, group_sizes, gate_up, down)
     if jax.default_backend() == "cpu":
-        block = DECODE_EXPERT_BLOCK if in_decode_step() else 32
+        block = DECODE_EXPERT_BLOCK if in_decode_step() else EXPERT_BLOCK
         return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block)
     return ragged_expert_ffn(x_sorted, group_sizes, gate_up, down)
 
