@@ -27,10 +27,6 @@ from audit.batching import (
 )
 from audit.records import ReferenceRun, SequenceRecord, router_id_dtype, with_recomputed_hidden
 
-#: Prompts generated together by the batch-invariance self-check (whatever the batch size of the run).
-CHECK_ROWS = 4
-
-
 @dataclasses.dataclass(frozen=True)
 class JaxRun:
     # per prompt: own greedy tokens; on the reference's tokens the experts and the hidden states' summaries (the
@@ -268,14 +264,14 @@ def run_jax(
         again = greedy_batch(model, [reference.prompts[0].ids], max_new_tokens, stop_token_ids)[0]
         checks.append(determinism.greedy_rerun_check("jax", [again], [sequences[0].generated]))
         batch_outputs = None
-        if n > 1:
-            first = range(min(n, CHECK_ROWS))
+        subset = determinism.check_subset([len(p.ids) for p in reference.prompts], max_new_tokens)
+        if len(subset) > 1:
             batch_outputs = greedy_batch(
-                model, [reference.prompts[i].ids for i in first], max_new_tokens, stop_token_ids
+                model, [reference.prompts[i].ids for i in subset], max_new_tokens, stop_token_ids
             )
             checks.append(
                 determinism.batch_invariance_check(
-                    "jax", batch_outputs, [sequences[i].generated for i in first]
+                    "jax", batch_outputs, [sequences[i].generated for i in subset]
                 )
             )
     return JaxRun(

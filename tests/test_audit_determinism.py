@@ -70,3 +70,35 @@ def test_the_reference_checks_only_the_subset_at_batch_1_and_says_so(tiny_checkp
     assert "reference run-to-run: greedy tokens of prompts 0, 1" in names
     assert "reference batch 1 vs batch 2: greedy tokens" in names
     assert len(run.batch_outputs) == 2
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_jax_side_checks_batch_invariance_on_the_same_bounded_subset(tiny_checkpoints, monkeypatch):
+    """Three prompts, a subset bound of 2: the JAX side's batch check generates prompts 0 and 1 together (the
+    reference's subset), never all three in one batch, and its tokens are the run's."""
+    pytest.importorskip("torch")
+    import qwen_jax
+    from audit import jax_side, reference
+    from audit.records import Prompt
+
+    monkeypatch.setattr(determinism, "CHECK_PROMPTS", 2)
+    checkpoint = tiny_checkpoints("hv2hk_top2of8")
+    prompts = [Prompt(f"p{k}", "", tuple(range(3, 8 + k))) for k in range(3)]
+    ref = reference.record_reference(
+        checkpoint, prompts, dtype="float32", max_new_tokens=2, seed=0, stop_token_ids=(1,), manifest={},
+        progress=False, hidden_states=0,
+    )  # fmt: skip
+    calls = []
+    greedy_batch = jax_side.greedy_batch
+
+    def counting(model, batch_prompts, *args, **kwargs):
+        calls.append(len(batch_prompts))
+        return greedy_batch(model, batch_prompts, *args, **kwargs)
+
+    monkeypatch.setattr(jax_side, "greedy_batch", counting)
+    model = qwen_jax.load_hf(checkpoint, dtype="float32")
+    run = jax_side.run_jax(model, ref, max_new_tokens=2, stop_token_ids=(1,), progress=False)
+    assert calls == [1] * 3 + [1, 2]  # the run at batch 1, prompt 0 again, then the subset together
+    assert [len(b) for b in run.batch_outputs] == [len(run.sequences[i].generated) for i in (0, 1)]
+    check = next(c for c in run.determinism if "batch invariance" in c["name"])
+    assert check["passed"] and "the first 2 prompts" in check["name"]
