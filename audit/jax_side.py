@@ -27,6 +27,7 @@ from audit.batching import (
 )
 from audit.records import ReferenceRun, SequenceRecord, router_id_dtype, with_recomputed_hidden
 
+
 @dataclasses.dataclass(frozen=True)
 class JaxRun:
     # per prompt: own greedy tokens; on the reference's tokens the experts and the hidden states' summaries (the
