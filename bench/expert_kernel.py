@@ -25,12 +25,14 @@ from decode_vs_hf import BENCH_CONFIG
 
 def step_function(ffn, n_layers: int, n_steps: int):
     import jax
+    import jax.numpy as jnp
 
     @jax.jit
     def steps(x, group_sizes, gate_ups, downs):
         def one_step(_, x):
-            for layer in range(n_layers):  # each layer's output feeds the next, as in the model
-                x = (x + ffn(x, group_sizes, gate_ups[layer], downs[layer])).astype(x.dtype)
+            for layer in range(n_layers):  # each layer's output feeds the next (RMS-normalised: no overflow)
+                y = x + ffn(x, group_sizes, gate_ups[layer], downs[layer])
+                x = (y * jax.lax.rsqrt(jnp.mean(jnp.square(y.astype("float32"))) + 1e-6)).astype(x.dtype)
             return x
 
         return jax.lax.fori_loop(0, n_steps, one_step, x)
