@@ -6,9 +6,10 @@ blocks), paired and interleaved in one process.
 
 The bench config of ``bench/decode_vs_hf.py``: hidden 512, 32 experts top-4, moe_intermediate 256 (gate_up
 [32, 512, 512], down [32, 256, 512]), 8 layers with their own weights. A "step" runs the 8 layers' expert FFNs on
-``rows`` (token, slot) rows sorted by expert, routed at random (top-4 distinct experts per token): 4 rows is a
-batch-1 decode step, 64 a batch-16 one. The steps run in a compiled ``fori_loop``, as in the decode loop (so the
-buffers are allocated once); ms per step is the median over ``--repeats`` runs of ``--steps`` steps.
+``rows`` (token, slot) rows sorted by expert, routed at random (top-4 distinct experts per token), another routing
+each step (so the touched experts' weights are not the previous step's, still in cache): 4 rows is a batch-1 decode
+step, 64 a batch-16 one. The steps run in a compiled ``fori_loop``, as in the decode loop (so the buffers are
+allocated once); ms per step is the median over ``--repeats`` runs of ``--steps`` steps.
 """
 
 from __future__ import annotations
@@ -29,15 +30,23 @@ def step_function(ffn, n_layers: int, n_steps: int):
 
     @jax.jit
     def steps(x, group_sizes, gate_ups, downs):
-        def one_step(_, x):
+        def one_step(step, x):
             for layer in range(n_layers):  # each layer's output feeds the next (RMS-normalised: no overflow)
-                y = x + ffn(x, group_sizes, gate_ups[layer], downs[layer])
+                y = x + ffn(x, group_sizes[step], gate_ups[layer], downs[layer])
                 x = (y * jax.lax.rsqrt(jnp.mean(jnp.square(y.astype("float32"))) + 1e-6)).astype(x.dtype)
             return x
 
         return jax.lax.fori_loop(0, n_steps, one_step, x)
 
     return steps
+
+
+def routing(rng, tokens: int, n_experts: int, top_k: int):
+    """One step's group sizes [E]: each token's top-k distinct experts at random."""
+    import numpy as np
+
+    experts = np.concatenate([rng.choice(n_experts, top_k, replace=False) for _ in range(tokens)])
+    return np.bincount(experts, minlength=n_experts).astype(np.int32)
 
 
 def run(rows_list: list[int], dtypes: list[str], n_steps: int, repeats: int) -> list[dict]:
@@ -65,10 +74,9 @@ def run(rows_list: list[int], dtypes: list[str], n_steps: int, repeats: int) -> 
         downs = [jnp.asarray(rng.normal(0, 0.02, (n_experts, inter, hidden)), dtype) for _ in range(n_layers)]
         for n_rows in rows_list:
             tokens = n_rows // top_k
-            experts = np.stack([rng.choice(n_experts, top_k, replace=False) for _ in range(tokens)]).reshape(
-                -1
+            group_sizes = jnp.asarray(
+                np.stack([routing(rng, tokens, n_experts, top_k) for _ in range(n_steps)])
             )
-            group_sizes = jnp.asarray(np.bincount(experts, minlength=n_experts).astype(np.int32))
             x = jnp.asarray(rng.normal(0, 1, (tokens * top_k, hidden)), dtype)
             fns = {name: step_function(ffn, n_layers, n_steps) for name, ffn in backends.items()}
             outs = {
@@ -84,7 +92,7 @@ def run(rows_list: list[int], dtypes: list[str], n_steps: int, repeats: int) -> 
             row = {
                 "dtype": dtype,
                 "rows": int(x.shape[0]),
-                "experts_touched": int((group_sizes > 0).sum()),
+                "experts_touched_per_layer": round(float((group_sizes > 0).sum(axis=1).mean()), 1),
                 "ms_per_step": ms,
                 "kernel_speedup": {n: round(ms[n] / ms["kernel"], 2) for n in ms if n != "kernel"},
                 "max_abs_diff_vs_gather": {
