@@ -11,7 +11,8 @@ sum over a row's features runs on a fixed shape:
   (:func:`map_row_tiles`): one fixed-shape program applied tile after tile, whatever the number of rows;
 - the routed experts run on blocks of one expert (``qwen_jax.moe.blocked_expert_ffn``) of :data:`ROW_TILE` rows
   in a forward or prefill and of ``qwen_jax.moe.DECODE_EXPERT_BLOCK`` in a decode step (:func:`decode_step_mode`),
-  whatever the row count (the default mode switches to per-row gathers for a few rows);
+  whatever the row count (the default mode switches to per-row gathers for a few rows); a decode step on the CPU
+  runs them in the native grouped matmul instead (``qwen_jax.kernels``), invariant by construction;
 - attention runs one row at a time, on blocks of queries over fixed-size key blocks, where a fully masked block
   leaves the softmax statistics bit for bit unchanged (:func:`qwen_jax.attention.invariant_attend`), so neither
   the padded length nor the cache length changes a result;

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from qwen_jax import kernels
 from qwen_jax.config import ModelConfig
 from qwen_jax.invariance import ROW_TILE, batch_invariant, in_decode_step, map_row_tiles
 from qwen_jax.ops import F32, dense, sigmoid, swiglu, tie_to
@@ -235,9 +236,23 @@ GATHER_MAX_ROWS = 8
 DECODE_EXPERT_BLOCK = 4
 
 
+def kernel_expert_ffn(x_sorted, group_sizes, gate_up, down):
+    """The CPU's native grouped matmul (:mod:`qwen_jax.kernels`), reading the stacked weights in place, with
+    :func:`_expert_block`'s roundings; batch-invariant by construction. Not differentiable: decode steps only."""
+    h = kernels.grouped_matmul(x_sorted, group_sizes, gate_up).astype(x_sorted.dtype)
+    return kernels.grouped_matmul(_split_gate_up(h), group_sizes, down).astype(x_sorted.dtype)
+
+
+def _decode_kernel() -> bool:
+    """Whether this is a decode step on the CPU with the native kernel available (both modes use it then)."""
+    return in_decode_step() and kernels.enabled()
+
+
 def auto_expert_ffn(x_sorted, group_sizes, gate_up, down):
-    """Per-row gathers for a few rows (batch-1 decode), else ``ragged_dot`` on accelerators and blocks on the CPU
-    (small blocks in a decode step)."""
+    """The native kernel in a CPU decode step; otherwise per-row gathers for a few rows (batch-1 decode), else
+    ``ragged_dot`` on accelerators and blocks on the CPU (small blocks in a decode step)."""
+    if _decode_kernel():
+        return kernel_expert_ffn(x_sorted, group_sizes, gate_up, down)
     if x_sorted.shape[0] <= GATHER_MAX_ROWS:
         return gather_expert_ffn(x_sorted, group_sizes, gate_up, down)
     if jax.default_backend() == "cpu":
@@ -253,7 +268,9 @@ INVARIANT_EXPERT_BLOCK = ROW_TILE
 def invariant_expert_ffn(x_sorted, group_sizes, gate_up, down):
     """The batch-invariant mode's experts: always blocks of :data:`INVARIANT_EXPERT_BLOCK` rows (of
     :data:`DECODE_EXPERT_BLOCK` in a decode step), so a row is computed by the same fixed-shape matmuls whatever the
-    number of rows."""
+    number of rows; in a CPU decode step, the native kernel, invariant by construction."""
+    if _decode_kernel():
+        return kernel_expert_ffn(x_sorted, group_sizes, gate_up, down)
     block = DECODE_EXPERT_BLOCK if in_decode_step() else INVARIANT_EXPERT_BLOCK
     return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block)
 

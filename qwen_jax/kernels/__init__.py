@@ -1,0 +1,147 @@
+"""Native CPU kernels, called from JAX as XLA FFI custom calls: the routed experts' grouped matmul of a decode step.
+
+XLA:CPU copies an expert's weights out of the stacked [E, in, out] tensor before a dot can read them (a dynamic
+slice, a static slice or a gather alike), and in a decode step those copies cost more than the matmuls.
+:func:`grouped_matmul` (``grouped_matmul.cc``) reads the weights where they lie. Each output element is one chain
+of fused multiply-adds over the input features in order, from zero: a row's result depends on its own row and its
+expert's weights only (batch-invariant by construction), and is the same with AVX-512, AVX2 or scalar code.
+
+The source is compiled on first use with the C++ compiler (``$CXX``, else ``g++``) into a shared library cached
+under ``$QWEN_JAX_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/qwen_jax/kernels`` or ``~/.cache/qwen_jax/kernels``),
+named by a hash of the source, the flags, the compiler, jaxlib's version and the CPU (``-march=native`` code runs
+only where it was built). A build is written to a temporary file and renamed, so concurrent processes can race.
+``QWEN_JAX_CPU_KERNELS=0`` switches the kernels off; without a compiler, or if the build fails, the callers keep
+their XLA path and one warning says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+#: Set to ``0`` to keep the XLA paths (no build, no custom call).
+ENV_SWITCH = "QWEN_JAX_CPU_KERNELS"
+#: Where the built libraries go (default: the user's cache directory).
+ENV_CACHE = "QWEN_JAX_KERNEL_CACHE"
+
+SOURCE = Path(__file__).with_name("grouped_matmul.cc")
+TARGET = "qwen_jax_grouped_matmul"
+SYMBOL = "QwenGroupedMatmul"
+#: No -ffast-math: the kernel's sums must keep their order. -ffp-contract=off: every fused multiply-add is written.
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-w")
+
+
+def switched_on() -> bool:
+    """Whether the environment allows the native kernels (``QWEN_JAX_CPU_KERNELS`` is not ``0``)."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qwen_jax" / "kernels"
+
+
+def _cpu_fingerprint() -> str:
+    """The CPU model and feature flags (what ``-march=native`` compiles for), or the platform where unreadable."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def library_path(compiler: str) -> Path:
+    """The cached library for this source, these flags, this compiler, this jaxlib and this CPU."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), *(v.encode() for v in version)):
+        key.update(part + b"\0")
+    key.update(f"{jaxlib.__version__}\0{platform.machine()}\0{_cpu_fingerprint()}".encode())
+    return cache_dir() / f"grouped_matmul-{key.hexdigest()[:20]}.so"
+
+
+def build(compiler: str, path: Path) -> Path:
+    """Compiles the source into ``path`` (a temporary file in the same directory, renamed once complete)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"{Path(compiler).name} failed ({last})")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@functools.cache
+def _registered() -> bool:
+    """Builds (or finds) the library and registers its handler with XLA once per process; False if it cannot."""
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn(
+            f"qwen_jax: no C++ compiler ({os.environ.get('CXX', 'g++')}) for the CPU expert kernel: "
+            f"using XLA's path (set {ENV_SWITCH}=0 to silence)",
+            stacklevel=3,
+        )
+        return False
+    try:
+        path = library_path(compiler)
+        if not path.exists():
+            build(compiler, path)
+        library = ctypes.cdll.LoadLibrary(str(path))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, SYMBOL)), platform="cpu")
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
+        warnings.warn(
+            f"qwen_jax: the CPU expert kernel is unavailable ({error}): using XLA's path "
+            f"(set {ENV_SWITCH}=0 to silence)",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def enabled() -> bool:
+    """Whether :func:`grouped_matmul` may be used now: the CPU backend, switched on, and the library built."""
+    return jax.default_backend() == "cpu" and switched_on() and _registered()
+
+
+def grouped_matmul(x: jax.Array, group_sizes: jax.Array, weights: jax.Array) -> jax.Array:
+    """out[r] = x[r] @ weights[expert(r)] in fp32, for rows ``x`` [R, K] sorted by expert (``group_sizes`` [E]: the
+    first ``group_sizes[0]`` rows are expert 0's, ...; rows in no group give zeros) and ``weights`` [E, K, N]; x and
+    weights fp32 or bf16. Read in place; each element summed over k = 0..K-1 in order, whatever the other rows.
+    Not differentiable (decode steps only). Call only where :func:`enabled` is true."""
+    if (
+        x.ndim != 2
+        or weights.ndim != 3
+        or x.shape[1] != weights.shape[1]
+        or group_sizes.shape != weights.shape[:1]
+    ):
+        raise ValueError(
+            f"grouped_matmul: x {x.shape}, group_sizes {group_sizes.shape} and weights {weights.shape} do not fit"
+        )
+    out = jax.ShapeDtypeStruct((x.shape[0], weights.shape[2]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(x, group_sizes.astype(jnp.int32), weights)

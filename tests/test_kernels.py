@@ -1,0 +1,143 @@
+"""The native CPU grouped matmul (qwen_jax/kernels): numbers, batch invariance, where it is used, and its fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen_jax import kernels, moe
+from qwen_jax.invariance import batch_invariant_mode, decode_step_mode
+
+# N = 168 columns: whole 8-vector and 4-vector tiles, single vectors and single columns (AVX-512 and AVX2 alike);
+# K = 136 features: two full blocks of 64 and a partial one.
+E, K, N = 6, 136, 168
+GROUPS = np.array([3, 0, 5, 1, 2, 0], np.int32)  # rows 0-10; 11 rows, with one more in no group
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_built():
+    if not kernels.enabled():
+        pytest.skip("the CPU kernel could not be built here (no compiler?)")
+
+
+def operands(dtype, rows: int = int(GROUPS.sum()) + 1, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(rows, K)), dtype)
+    w = jnp.asarray(rng.normal(size=(E, K, N)), dtype)
+    return x, w
+
+
+def reference(x, groups, w) -> np.ndarray:
+    """float64 numpy: each row times its expert's weights; rows past the groups give zeros."""
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    experts = np.repeat(np.arange(len(groups)), groups)
+    out = np.zeros((x64.shape[0], w64.shape[2]))
+    out[: len(experts)] = np.einsum("rk,rkn->rn", x64[: len(experts)], w64[experts])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_equals_the_float64_reference_within_fp32_rounding(dtype):
+    x, w = operands(dtype)
+    out = np.asarray(kernels.grouped_matmul(x, jnp.asarray(GROUPS), w))
+    ref = reference(x, GROUPS, w)
+    assert out.dtype == np.float32
+    # K fp32 roundings of partial sums bounded by sum |x_k w_k|: a generous 2 K eps of that bound.
+    bound = 2 * K * np.finfo(np.float32).eps * reference(np.abs(np.asarray(x, np.float32)), GROUPS, np.abs(w))
+    assert np.all(np.abs(out - ref) <= bound + 1e-30), np.abs(out - ref).max()
+    assert not out[GROUPS.sum() :].any()  # the row in no group
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_rows_output_does_not_depend_on_the_other_rows(dtype):
+    """Each row computed alone (a one-row group of its expert), or among other experts' rows, or at another place in
+    its group's 4-row tile, gives the same bits as in the full batch."""
+    x, w = operands(dtype)
+    full = np.asarray(kernels.grouped_matmul(x, jnp.asarray(GROUPS), w))
+    experts = np.repeat(np.arange(E), GROUPS)
+    for row, expert in enumerate(experts):
+        alone = np.zeros(E, np.int32)
+        alone[expert] = 1
+        out = kernels.grouped_matmul(x[row : row + 1], jnp.asarray(alone), w)
+        assert np.array_equal(np.asarray(out)[0], full[row]), row
+    # The first expert's 3 rows moved behind 4 other rows of its own: other tile positions, other tile sizes.
+    moved = jnp.concatenate([x[3:7], x[:3]])
+    out = np.asarray(kernels.grouped_matmul(moved, jnp.asarray([7, 0, 0, 0, 0, 0], jnp.int32), w))
+    assert np.array_equal(out[4:], full[:3])
+
+
+def traced(fn, operands_, decoding: bool = True, invariant: bool = False) -> str:
+    """``fn``'s jaxpr in a decode step (or not), traced afresh (a new function: JAX caches traces by function, not
+    by the mode switches)."""
+    with decode_step_mode(decoding), batch_invariant_mode(invariant):
+        return str(jax.make_jaxpr(lambda *a: fn(*a))(*operands_))
+
+
+def expert_operands(dtype=jnp.float32):
+    rng = np.random.default_rng(1)
+    hidden, inter, rows = 32, 16, int(GROUPS.sum())
+    x = jnp.asarray(rng.normal(size=(rows, hidden)), dtype)
+    gate_up = jnp.asarray(rng.normal(0, 0.2, (E, hidden, 2 * inter)), dtype)
+    down = jnp.asarray(rng.normal(0, 0.2, (E, inter, hidden)), dtype)
+    return x, jnp.asarray(GROUPS), gate_up, down
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_expert_ffn_matches_the_xla_experts(dtype):
+    operands_ = expert_operands(dtype)
+    ours = np.asarray(moe.kernel_expert_ffn(*operands_), np.float32)
+    theirs = np.asarray(moe.gather_expert_ffn(*operands_), np.float32)
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16: one rounding of h may land on either side
+    np.testing.assert_allclose(ours, theirs, atol=tolerance, rtol=tolerance)
+
+
+def test_decode_steps_use_the_kernel_in_both_modes_and_nothing_else_does():
+    operands_ = expert_operands()
+    assert "qwen_jax_grouped_matmul" in traced(moe.auto_expert_ffn, operands_)
+    assert "qwen_jax_grouped_matmul" in traced(moe.invariant_expert_ffn, operands_, invariant=True)
+    # A forward or prefill (the path that is differentiated) keeps XLA's experts.
+    assert "qwen_jax_grouped_matmul" not in traced(moe.auto_expert_ffn, operands_, decoding=False)
+    assert "qwen_jax_grouped_matmul" not in traced(moe.invariant_expert_ffn, operands_, False, invariant=True)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert not kernels.enabled()
+    assert "qwen_jax_grouped_matmul" not in traced(moe.auto_expert_ffn, expert_operands())
+
+
+def test_without_a_compiler_one_warning_and_the_xla_path(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-qwen")
+    kernels._registered.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not kernels.enabled()
+            assert not kernels.enabled()  # asked again: no second warning
+        assert len(caught) == 1 and "no C++ compiler" in str(caught[0].message)
+        assert "qwen_jax_grouped_matmul" not in traced(moe.auto_expert_ffn, expert_operands())
+    finally:
+        monkeypatch.delenv("CXX")
+        kernels._registered.cache_clear()
+
+
+def test_a_failed_build_warns_and_leaves_no_library(monkeypatch, tmp_path):
+    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path))
+    monkeypatch.setattr(kernels, "FLAGS", (*kernels.FLAGS, "-no-such-flag-qwen"))
+    kernels._registered.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="CPU expert kernel is unavailable"):
+            assert not kernels.enabled()
+        assert list(tmp_path.iterdir()) == []  # no library, no temporary file
+    finally:
+        kernels._registered.cache_clear()
+
+
+def test_bad_shapes_are_one_clear_error():
+    x, w = operands(jnp.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.grouped_matmul(x[:, :-1], jnp.asarray(GROUPS), w)
