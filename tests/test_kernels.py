@@ -141,3 +141,23 @@ def test_bad_shapes_are_one_clear_error():
     x, w = operands(jnp.float32)
     with pytest.raises(ValueError, match="do not fit"):
         kernels.grouped_matmul(x[:, :-1], jnp.asarray(GROUPS), w)
+
+
+def test_a_decode_steps_single_bf16_row_goes_through_the_kernel():
+    """``ops.dense`` of one bf16 row in a decode step (a batch-1 decode's projections and lm_head) uses the kernel,
+    within one bf16 rounding of XLA's product; fp32, several rows and a forward keep XLA's."""
+    from qwen_jax.ops import dense
+
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.normal(0, 0.1, (K, N)), jnp.bfloat16)
+    row = jnp.asarray(rng.normal(size=(1, 1, K)), jnp.bfloat16)
+    assert "qwen_jax_grouped_matmul" in traced(dense, (row, w))
+    assert "qwen_jax_grouped_matmul" not in traced(dense, (row, w), decoding=False)
+    assert "qwen_jax_grouped_matmul" not in traced(dense, (row.astype(jnp.float32), w.astype(jnp.float32)))
+    assert "qwen_jax_grouped_matmul" not in traced(dense, (jnp.concatenate([row, row], 1), w))
+    with decode_step_mode(True):  # fresh functions: JAX caches a trace by function, not by the mode
+        ours = np.asarray(jax.jit(lambda r, w: dense(r, w))(row, w), np.float32)
+    with decode_step_mode(False):
+        theirs = np.asarray(jax.jit(lambda r, w: dense(r, w))(row, w), np.float32)
+    assert ours.shape == (1, 1, N)
+    np.testing.assert_allclose(ours, theirs, rtol=2**-7, atol=0)  # at most one bf16 ulp apart
