@@ -20,6 +20,8 @@ Use it as::
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -90,13 +92,14 @@ def expert_parallel_size() -> int:
     return mesh.shape.get(EP, 1) if mesh is not None and not mesh.empty else 1
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def disjoint_psum(x: jax.Array, axis: str) -> jax.Array:
     """``psum(x, axis)`` of a float ``x`` that is +0.0 on every device but at most one at each position, summed on its
     bits as unsigned integers: adding zero bit patterns is exact, so the result is that one device's value, bit for
     bit (-0.0 included). XLA:CPU computes a bf16 all-reduce in fp32: its operand, result and consumer are fp32
     copies, [tokens, slots, hidden] each in the MoE (256 MiB for 4096 tokens at full size); on the bits the
     all-reduce is one buffer of ``x``'s size. Two bf16 values are summed as one uint32 (the other devices' bits are
-    zero, so no carry crosses from one half to the other)."""
+    zero, so no carry crosses from one half to the other). Its derivative is ``psum``'s."""
     if x.dtype.itemsize not in (2, 4):
         return jax.lax.psum(x, axis)
     if x.dtype.itemsize == 2 and x.ndim and x.shape[-1] % 2 == 0:  # two bf16 values per uint32
@@ -104,3 +107,8 @@ def disjoint_psum(x: jax.Array, axis: str) -> jax.Array:
         return jax.lax.bitcast_convert_type(jax.lax.psum(bits, axis), x.dtype).reshape(x.shape)
     bits = jax.lax.bitcast_convert_type(x, jnp.uint16 if x.dtype.itemsize == 2 else jnp.uint32)
     return jax.lax.bitcast_convert_type(jax.lax.psum(bits, axis), x.dtype)
+
+
+@disjoint_psum.defjvp
+def _disjoint_psum_jvp(axis, primals, tangents):
+    return disjoint_psum(primals[0], axis), jax.lax.psum(tangents[0], axis)

@@ -101,3 +101,16 @@ def test_disjoint_psum_is_the_one_devices_value_bit_for_bit(dtype, shape):
     expected = _bits(jnp.asarray(values.reshape(shape), dtype))
     for device in range(4):
         np.testing.assert_array_equal(_bits(summed[device]), expected)
+
+
+def test_disjoint_psum_differentiates_as_psum():
+    rng = np.random.default_rng(0)
+    owner = rng.integers(0, 4, size=(3, 6))
+    parts = jnp.asarray(
+        np.where(owner == np.arange(4)[:, None, None], rng.standard_normal((3, 6)), 0.0), jnp.float32
+    )
+
+    def loss(psum):
+        return lambda x: jnp.sum(jax.vmap(lambda part: psum(part, "ep"), axis_name="ep")(x) ** 3)
+
+    np.testing.assert_array_equal(jax.grad(loss(disjoint_psum))(parts), jax.grad(loss(jax.lax.psum))(parts))
