@@ -145,7 +145,7 @@ LOGITS_CHUNK = 256
 def lm_head_logits(h: jax.Array, lm_head: jax.Array) -> jax.Array:
     """``dense(h, lm_head)``: the logits [..., vocab] of the final-normed ``h`` [..., hidden]. In the model dtype
     below fp32, over more than :data:`LOGITS_CHUNK` rows, computed :data:`LOGITS_CHUNK` rows at a time (the same
-    per-row products and roundings; ``tests/test_model_parity.py`` checks the chunked logits bit for bit). The
+    per-row products and roundings; ``tests/test_memory.py`` checks the chunked logits bit for bit). The
     batch-invariant mode's ``dense`` already runs on fixed row tiles."""
     n_rows = math.prod(h.shape[:-1])
     if n_rows <= LOGITS_CHUNK or h.dtype == jnp.float32 or batch_invariant():
