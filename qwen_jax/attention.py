@@ -127,7 +127,9 @@ def two_pass_attend(grouped_q: jax.Array, n_blocks, block: Callable) -> jax.Arra
         seen = jnp.any(visible, axis=-1)[..., None]  # [B, 1, 1, L, 1] -> as acc's [B, L, 1, 1, 1]
         return jnp.where(jnp.moveaxis(seen, 3, 1), acc + _probs_times_values(probs, block_v), acc)
 
-    (acc,) = tie_to(grouped_q, jnp.zeros(grouped_q.shape, F32))
+    # Zeros computed from the queries (+0.0 for any finite query), not a constant: XLA:CPU copies a loop's constant
+    # initial buffer at the start of the program, every layer's at once (64 MiB each for 4096 queries at full size).
+    acc = jnp.abs(grouped_q).astype(F32) * 0
     return jax.lax.fori_loop(0, n_blocks, second_pass, acc)
 
 

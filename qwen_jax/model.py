@@ -117,17 +117,41 @@ class DecoderLayer(nnx.Module):
 MOE_CHUNK = 4096
 
 
+def map_row_chunks(fn, x: jax.Array, chunk: int):
+    """``fn`` over the flattened rows of ``x`` [..., width], ``chunk`` rows at a time (``lax.map``; the last chunk
+    zero-padded): its outputs with their leading axis the ``x.shape[:-1]`` rows, flattened."""
+    n_rows, width = math.prod(x.shape[:-1]), x.shape[-1]
+    pad = -n_rows % chunk
+    chunks = jnp.pad(x.reshape(n_rows, width), ((0, pad), (0, 0))).reshape(-1, chunk, width)
+    out = jax.lax.map(fn, chunks)
+    return jax.tree.map(lambda r: r.reshape(-1, *r.shape[2:])[:n_rows], out)
+
+
 def moe_in_chunks(moe: SparseMoe, x: jax.Array, backend: str) -> tuple[jax.Array, Routing]:
     """``moe(x)`` over the flattened tokens of ``x`` [..., hidden], :data:`MOE_CHUNK` tokens at a time. Each token is
     routed and computed on its own, so chunking changes no result."""
-    n_tokens, width = math.prod(x.shape[:-1]), x.shape[-1]
-    if n_tokens <= MOE_CHUNK:
+    if math.prod(x.shape[:-1]) <= MOE_CHUNK:
         return moe(x, backend=backend)
-    pad = -n_tokens % MOE_CHUNK
-    chunks = jnp.pad(x.reshape(n_tokens, width), ((0, pad), (0, 0))).reshape(-1, MOE_CHUNK, width)
-    out, routing = jax.lax.map(lambda chunk: moe(chunk, backend=backend), chunks)
-    routing = jax.tree.map(lambda r: r.reshape(-1, *r.shape[2:])[:n_tokens], routing)
-    return out.reshape(-1, width)[:n_tokens].reshape(x.shape), routing
+    out, routing = map_row_chunks(lambda chunk: moe(chunk, backend=backend), x, MOE_CHUNK)
+    return out.reshape(x.shape), routing
+
+
+#: Rows per lm_head product when the logits are narrower than fp32: the product is accumulated in fp32 and rounded
+#: once, and over a whole forward's rows that fp32 product is the largest buffer of the program (a [2048, 248320]
+#: forward at full size: 1.9 GiB); a chunk of this many rows at a time holds 243 MiB of it.
+LOGITS_CHUNK = 256
+
+
+def lm_head_logits(h: jax.Array, lm_head: jax.Array) -> jax.Array:
+    """``dense(h, lm_head)``: the logits [..., vocab] of the final-normed ``h`` [..., hidden]. In the model dtype
+    below fp32, over more than :data:`LOGITS_CHUNK` rows, computed :data:`LOGITS_CHUNK` rows at a time (the same
+    per-row products and roundings; ``tests/test_memory.py`` checks the chunked logits bit for bit). The
+    batch-invariant mode's ``dense`` already runs on fixed row tiles."""
+    n_rows = math.prod(h.shape[:-1])
+    if n_rows <= LOGITS_CHUNK or h.dtype == jnp.float32 or batch_invariant():
+        return dense(h, lm_head)
+    logits = map_row_chunks(lambda rows: dense(rows, lm_head), h, LOGITS_CHUNK)
+    return logits.reshape(*h.shape[:-1], -1)
 
 
 class Qwen35MoeForCausalLM(nnx.Module):
@@ -218,7 +242,9 @@ def run_decoder(
             captured[name].append(value)
     with jax.named_scope("head"):
         hidden[-1] = model.norm(h)  # as HF: the last hidden state is the final norm's output
-        logits = dense(last_real(hidden[-1], attention_mask) if last_only else hidden[-1], model.lm_head[...])
+        logits = lm_head_logits(
+            last_real(hidden[-1], attention_mask) if last_only else hidden[-1], model.lm_head[...]
+        )
     new_cache = None
     if cache is not None:
         new_cache = DecodeState(tuple(new_states), key_mask, cache.length + length, positions[:, -1] + 1)

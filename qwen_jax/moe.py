@@ -28,7 +28,7 @@ from qwen_jax import kernels
 from qwen_jax.config import ModelConfig
 from qwen_jax.invariance import ROW_TILE, batch_invariant, in_decode_step, map_row_tiles
 from qwen_jax.ops import F32, dense, sigmoid, swiglu, tie_to
-from qwen_jax.sharding import DP, EP, expert_parallel_size
+from qwen_jax.sharding import DP, EP, disjoint_psum, expert_parallel_size
 
 
 class Routing(NamedTuple):
@@ -329,13 +329,14 @@ def slot_outputs(x, experts, gate_up, down, expert_ffn: Callable) -> jax.Array:
 
 def expert_parallel_slot_outputs(x, experts, gate_up, down, expert_ffn: Callable) -> jax.Array:
     """:func:`slot_outputs` with the experts split over the mesh's ``ep`` axis: each device computes the slots of
-    its own experts (exact zeros elsewhere) and one exact ``psum`` combines them. See :mod:`qwen_jax.sharding`."""
+    its own experts (exact zeros elsewhere) and one exact psum combines them (:func:`qwen_jax.sharding.disjoint_psum`).
+    See :mod:`qwen_jax.sharding`."""
     mesh = jax.sharding.get_abstract_mesh()
     tokens = P(DP) if DP in mesh.axis_names else P()
 
     def local(x, experts, gate_up, down):
         first = jax.lax.axis_index(EP) * gate_up.shape[0]
-        return jax.lax.psum(slot_outputs(x, experts - first, gate_up, down, expert_ffn), EP)
+        return disjoint_psum(slot_outputs(x, experts - first, gate_up, down, expert_ffn), EP)
 
     return jax.shard_map(local, in_specs=(tokens, tokens, P(EP), P(EP)), out_specs=tokens)(
         x, experts, gate_up, down
