@@ -240,7 +240,7 @@ def run_decoder(
         new_states.append(state)
         for name, value in layer_captured.items():
             captured[name].append(value)
-    with jax.named_scope("head"):
+    with jax.named_scope("head"), decode_step_mode(decoding):
         hidden[-1] = model.norm(h)  # as HF: the last hidden state is the final norm's output
         logits = lm_head_logits(
             last_real(hidden[-1], attention_mask) if last_only else hidden[-1], model.lm_head[...]

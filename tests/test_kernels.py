@@ -161,3 +161,25 @@ def test_a_decode_steps_single_bf16_row_goes_through_the_kernel():
         theirs = np.asarray(jax.jit(lambda r, w: dense(r, w))(row, w), np.float32)
     assert ours.shape == (1, 1, N)
     np.testing.assert_allclose(ours, theirs, rtol=2**-7, atol=0)  # at most one bf16 ulp apart
+
+
+def test_a_batch_1_bf16_decode_steps_lm_head_goes_through_the_kernel(tiny_checkpoints):
+    """The whole model: in a batch-1 bf16 decode step no XLA dot produces the vocabulary's logits (the lm_head is the
+    kernel's, under the decode step's mode as the layers are)."""
+    from flax import nnx
+
+    import qwen_jax
+    from qwen_jax.generate import _prefill, decode_step
+
+    model = qwen_jax.load_hf(tiny_checkpoints("hv2hk_top2of8"), dtype="bfloat16")
+    graphdef, params = nnx.split(model)
+    ids = np.arange(3, 11, dtype=np.int32)[None]
+    _, cache = _prefill(graphdef, params, ids, np.ones_like(ids), 16, "auto", False)
+    jaxpr = str(
+        jax.make_jaxpr(lambda p, t, c: decode_step(nnx.merge(graphdef, p), t, c))(params, ids[:, 0], cache)
+    )
+    vocab = model.cfg.vocab_size
+    assert "qwen_jax_grouped_matmul" in jaxpr
+    assert not [
+        line for line in jaxpr.splitlines() if "dot_general" in line and f",{vocab}]" in line.replace(" ", "")
+    ]
