@@ -183,3 +183,17 @@ def test_a_batch_1_bf16_decode_steps_lm_head_goes_through_the_kernel(tiny_checkp
     assert not [
         line for line in jaxpr.splitlines() if "dot_general" in line and f",{vocab}]" in line.replace(" ", "")
     ]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_large_product_split_over_threads_gives_the_bits_of_a_small_one(dtype):
+    """A product large enough to be split by columns over threads (a batch-1 lm_head) gives, in its first columns,
+    the bits of a product of those columns alone (one thread): no column's sum depends on the split."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(1, 512)), dtype)
+    w = jnp.asarray(rng.normal(size=(1, 512, 3 * 8192 + 40)), dtype)  # 12.6M weights: split over the cores
+    one = jnp.ones((1,), jnp.int32)
+    large = np.asarray(kernels.grouped_matmul(x, one, w))
+    for start in (0, 8192, 3 * 8192 - 100):  # where a thread's columns begin or end, and the last columns
+        small = np.asarray(kernels.grouped_matmul(x, one, w[:, :, start : start + 140]))
+        assert np.array_equal(large[:, start : start + 140], small), start

@@ -40,7 +40,7 @@ SOURCE = Path(__file__).with_name("grouped_matmul.cc")
 TARGET = "qwen_jax_grouped_matmul"
 SYMBOL = "QwenGroupedMatmul"
 #: No -ffast-math: the kernel's sums must keep their order. -ffp-contract=off: every fused multiply-add is written.
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-w")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-w")
 
 
 def switched_on() -> bool:

@@ -13,6 +13,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
+#include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -109,21 +111,23 @@ void column(const XT* x, const WT* w, float* out, int rows, int64_t K, int64_t N
   }
 }
 
+// Columns [n0, n1) of a row tile.
 template <int ROWS, typename XT, typename WT>
-void row_tile(const XT* x, const WT* w, float* out, int64_t K, int64_t N) {
+void row_tile(const XT* x, const WT* w, float* out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   constexpr int kVecs = vec_tile<ROWS>();
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {  // each element's chain goes on where the previous block left it
     const int64_t k1 = std::min(K, k0 + kBlock);
-    int64_t n = 0;
-    for (; n + kVecs * kWidth <= N; n += kVecs * kWidth) tile<ROWS, kVecs>(x, w + n, out + n, K, N, k0, k1);
-    for (; n + kWidth <= N; n += kWidth) tile<ROWS, 1>(x, w + n, out + n, K, N, k0, k1);
-    for (; n < N; ++n) column(x, w + n, out + n, ROWS, K, N, k0, k1);
+    int64_t n = n0;
+    for (; n + kVecs * kWidth <= n1; n += kVecs * kWidth) tile<ROWS, kVecs>(x, w + n, out + n, K, N, k0, k1);
+    for (; n + kWidth <= n1; n += kWidth) tile<ROWS, 1>(x, w + n, out + n, K, N, k0, k1);
+    for (; n < n1; ++n) column(x, w + n, out + n, ROWS, K, N, k0, k1);
   }
 }
 
+// Columns [n0, n1) of every row.
 template <typename XT, typename WT>
-void grouped_matmul(const XT* x, const int32_t* group_sizes, const WT* w, float* out, int64_t R, int64_t K,
-                    int64_t N, int64_t E) {
+void grouped_columns(const XT* x, const int32_t* group_sizes, const WT* w, float* out, int64_t R, int64_t K,
+                     int64_t N, int64_t E, int64_t n0, int64_t n1) {
   int64_t row = 0;
   for (int64_t e = 0; e < E && row < R; ++e) {
     const int64_t end = std::min<int64_t>(R, row + std::max<int32_t>(group_sizes[e], 0));
@@ -132,15 +136,41 @@ void grouped_matmul(const XT* x, const int32_t* group_sizes, const WT* w, float*
       const XT* xr = x + row * K;
       float* outr = out + row * N;
       switch (std::min<int64_t>(kRowTile, end - row)) {
-        case 4: row_tile<4>(xr, we, outr, K, N); break;
-        case 3: row_tile<3>(xr, we, outr, K, N); break;
-        case 2: row_tile<2>(xr, we, outr, K, N); break;
-        default: row_tile<1>(xr, we, outr, K, N); break;
+        case 4: row_tile<4>(xr, we, outr, K, N, n0, n1); break;
+        case 3: row_tile<3>(xr, we, outr, K, N, n0, n1); break;
+        case 2: row_tile<2>(xr, we, outr, K, N, n0, n1); break;
+        default: row_tile<1>(xr, we, outr, K, N, n0, n1); break;
       }
     }
     row = end;
   }
-  std::fill(out + row * N, out + R * N, 0.0f);  // rows in no group (experts on another device)
+  for (; row < R; ++row) std::fill(out + row * N + n0, out + row * N + n1, 0.0f);  // rows in no group
+}
+
+// A product with one large weight matrix (a batch-1 lm_head: 248,320 x 2,048) is split by columns over threads:
+// one thread reads memory at well under the machine's bandwidth. Columns never share a sum, so the bits are those
+// of one thread. Small products (an expert's weights) stay on the calling thread: a thread costs tens of us.
+constexpr int64_t kThreadMinWeights = int64_t(1) << 22;  // weight elements per extra thread (8 MiB in bf16)
+constexpr int64_t kMaxThreads = 8;
+
+template <typename XT, typename WT>
+void grouped_matmul(const XT* x, const int32_t* group_sizes, const WT* w, float* out, int64_t R, int64_t K,
+                    int64_t N, int64_t E) {
+  int64_t used = 0;  // experts with rows: the weights actually read
+  for (int64_t e = 0; e < E; ++e) used += group_sizes[e] > 0;
+  const int64_t hardware = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t by_size = used * K * N / kThreadMinWeights;
+  const int64_t step = 8 * kWidth;  // whole tiles per thread
+  const int64_t threads = std::max<int64_t>(1, std::min({hardware, kMaxThreads, by_size, N / step}));
+  if (threads == 1) return grouped_columns(x, group_sizes, w, out, R, K, N, E, 0, N);
+  std::vector<std::thread> pool;
+  const int64_t share = (N / threads + step - 1) / step * step;
+  for (int64_t t = 1; t < threads; ++t) {
+    const int64_t n0 = std::min(N, t * share), n1 = t + 1 == threads ? N : std::min(N, (t + 1) * share);
+    pool.emplace_back([=] { grouped_columns(x, group_sizes, w, out, R, K, N, E, n0, n1); });
+  }
+  grouped_columns(x, group_sizes, w, out, R, K, N, E, 0, std::min(N, share));
+  for (auto& thread : pool) thread.join();
 }
 
 template <typename XT>
