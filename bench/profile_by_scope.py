@@ -45,13 +45,8 @@ def instruction_scopes(hlo_text: str) -> dict[str, str]:
     """HLO instruction name -> scope, from its ``op_name``; one without takes the most common scope of the
     computations it calls. Loops, conditionals and calls (:data:`LOOPS`, by opcode: a conditional may be named
     ``cond.N``) are left out."""
-    own, in_computation, calls, current, loops = (
-        {},
-        collections.defaultdict(collections.Counter),
-        {},
-        None,
-        set(),
-    )
+    own, in_computation, calls, current = {}, collections.defaultdict(collections.Counter), {}, None
+    loops = set()
     for line in hlo_text.splitlines():
         head = re.match(r"\s*(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
         if head and " = " not in line:
