@@ -34,8 +34,9 @@ def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
 
 
 def _probs_times_values(probs: jax.Array, v: jax.Array) -> jax.Array:
-    """fp32 [B, L, Hkv, G, D]: probabilities (rounded to the value dtype) times values, accumulated in fp32."""
-    return jnp.einsum("bkglt,btkd->blkgd", probs.astype(v.dtype), v, preferred_element_type=F32)
+    """fp32 [B, Hkv, G, L, D]: probabilities (rounded to the value dtype) times values, accumulated in fp32. (In the
+    layout of the batched product over (batch, head): XLA does not copy the probabilities into it.)"""
+    return jnp.einsum("bkglt,btkd->bkgld", probs.astype(v.dtype), v, preferred_element_type=F32)
 
 
 def _group_queries(q: jax.Array, n_kv: int) -> jax.Array:
@@ -52,7 +53,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     """
     scores = jnp.where(mask[:, None, None], _scores(_group_queries(q, k.shape[2]), k), MASKED)
     out = _probs_times_values(jax.nn.softmax(scores, axis=-1), v).astype(v.dtype)
-    return out.reshape(q.shape)
+    return jnp.moveaxis(out, 3, 1).reshape(q.shape)
 
 
 def attention_probs(q: jax.Array, k: jax.Array, key_mask: jax.Array) -> jax.Array:
@@ -124,11 +125,11 @@ def two_pass_attend(grouped_q: jax.Array, n_blocks, block: Callable) -> jax.Arra
     def second_pass(i, acc):
         block_k, block_v, visible = block(i)
         probs = block_probs(stats, _scores(grouped_q, block_k), visible)
-        seen = jnp.any(visible, axis=-1)[..., None]  # [B, 1, 1, L, 1] -> as acc's [B, L, 1, 1, 1]
-        return jnp.where(jnp.moveaxis(seen, 3, 1), acc + _probs_times_values(probs, block_v), acc)
+        seen = jnp.any(visible, axis=-1)[..., None]  # [B, 1, 1, L, 1], as acc's [B, Hkv, G, L, D]
+        return jnp.where(seen, acc + _probs_times_values(probs, block_v), acc)
 
-    (acc,) = tie_to(grouped_q, jnp.zeros(grouped_q.shape, F32))
-    return jax.lax.fori_loop(0, n_blocks, second_pass, acc)
+    (acc,) = tie_to(grouped_q, jnp.zeros((b, n_kv, group, length, grouped_q.shape[-1]), F32))
+    return jnp.moveaxis(jax.lax.fori_loop(0, n_blocks, second_pass, acc), 3, 1)
 
 
 def _pad_keys(k: jax.Array, v: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, ...]:
