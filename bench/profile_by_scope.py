@@ -27,6 +27,7 @@ import paired  # noqa: F401  (puts the project root on sys.path)
 from decode_vs_hf import build_checkpoint, prompt_ids
 
 SCOPE_PART = re.compile(r"layer_\d+$|linear_attention$|full_attention$|moe$|embed$|head$")
+#: Instructions whose thunks contain others' (loops, conditionals, calls): not counted themselves.
 LOOPS = ("while", "conditional", "call")
 
 
@@ -42,8 +43,10 @@ def scope_of(op_name: str) -> str:
 
 def instruction_scopes(hlo_text: str) -> dict[str, str]:
     """HLO instruction name -> scope, from its ``op_name``; one without takes the most common scope of the
-    computations it calls."""
+    computations it calls. Loops, conditionals and calls (:data:`LOOPS`, by opcode: a conditional may be named
+    ``cond.N``) are left out."""
     own, in_computation, calls, current = {}, collections.defaultdict(collections.Counter), {}, None
+    loops = set()
     for line in hlo_text.splitlines():
         head = re.match(r"\s*(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
         if head and " = " not in line:
@@ -52,6 +55,9 @@ def instruction_scopes(hlo_text: str) -> dict[str, str]:
         m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
         if not m:
             continue
+        opcode = re.search(r"\s([a-z][\w\-]*)\(", line[m.end() - 1 :])  # after the (maybe tuple) type
+        if opcode and opcode.group(1) in LOOPS:
+            loops.add(m.group(1))
         op = re.search(r'op_name="([^"]+)"', line)
         if op:
             own[m.group(1)] = scope_of(op.group(1))
@@ -65,7 +71,7 @@ def instruction_scopes(hlo_text: str) -> dict[str, str]:
             for c in called:
                 votes.update(in_computation.get(c, {}))
             own[name] = votes.most_common(1)[0][0] if votes else "other"
-    return own
+    return {name: scope for name, scope in own.items() if name not in loops}
 
 
 def profile(jitted, args: tuple, runs: int, label: str, top: int = 10) -> None:
@@ -85,7 +91,7 @@ def profile(jitted, args: tuple, runs: int, label: str, top: int = 10) -> None:
     by_scope, by_kind = collections.Counter(), collections.Counter()
     for event in trace["traceEvents"]:
         name = event.get("name", "")
-        if event.get("ph") != "X" or name not in scopes or name.startswith(LOOPS):
+        if event.get("ph") != "X" or name not in scopes:
             continue
         by_scope[scopes[name]] += event["dur"] / runs / 1e3
         by_kind[scopes[name], re.sub(r"\.\d+$", "", name)] += event["dur"] / runs / 1e3

@@ -34,8 +34,9 @@ def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
 
 
 def _probs_times_values(probs: jax.Array, v: jax.Array) -> jax.Array:
-    """fp32 [B, L, Hkv, G, D]: probabilities (rounded to the value dtype) times values, accumulated in fp32."""
-    return jnp.einsum("bkglt,btkd->blkgd", probs.astype(v.dtype), v, preferred_element_type=F32)
+    """fp32 [B, Hkv, G, L, D]: probabilities (rounded to the value dtype) times values, accumulated in fp32. (In the
+    layout of the batched product over (batch, head): XLA does not copy the probabilities into it.)"""
+    return jnp.einsum("bkglt,btkd->bkgld", probs.astype(v.dtype), v, preferred_element_type=F32)
 
 
 def _group_queries(q: jax.Array, n_kv: int) -> jax.Array:
@@ -52,7 +53,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     """
     scores = jnp.where(mask[:, None, None], _scores(_group_queries(q, k.shape[2]), k), MASKED)
     out = _probs_times_values(jax.nn.softmax(scores, axis=-1), v).astype(v.dtype)
-    return out.reshape(q.shape)
+    return jnp.moveaxis(out, 3, 1).reshape(q.shape)
 
 
 def attention_probs(q: jax.Array, k: jax.Array, key_mask: jax.Array) -> jax.Array:
@@ -124,13 +125,13 @@ def two_pass_attend(grouped_q: jax.Array, n_blocks, block: Callable) -> jax.Arra
     def second_pass(i, acc):
         block_k, block_v, visible = block(i)
         probs = block_probs(stats, _scores(grouped_q, block_k), visible)
-        seen = jnp.any(visible, axis=-1)[..., None]  # [B, 1, 1, L, 1] -> as acc's [B, L, 1, 1, 1]
-        return jnp.where(jnp.moveaxis(seen, 3, 1), acc + _probs_times_values(probs, block_v), acc)
+        seen = jnp.any(visible, axis=-1)[..., None]  # [B, 1, 1, L, 1], as acc's [B, Hkv, G, L, D]
+        return jnp.where(seen, acc + _probs_times_values(probs, block_v), acc)
 
     # Zeros computed from the queries (+0.0 for any finite query), not a constant: XLA:CPU copies a loop's constant
     # initial buffer at the start of the program, every layer's at once (64 MiB each for 4096 queries at full size).
-    acc = jnp.abs(grouped_q).astype(F32) * 0
-    return jax.lax.fori_loop(0, n_blocks, second_pass, acc)
+    acc = jnp.moveaxis(jnp.abs(grouped_q).astype(F32) * 0, 1, 3)  # [B, Hkv, G, L, D], the product's layout
+    return jnp.moveaxis(jax.lax.fori_loop(0, n_blocks, second_pass, acc), 3, 1)
 
 
 def _pad_keys(k: jax.Array, v: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, ...]:

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from qwen_jax import kernels
 from qwen_jax.config import ModelConfig
 from qwen_jax.invariance import ROW_TILE, batch_invariant, in_decode_step, map_row_tiles
-from qwen_jax.ops import F32, dense, sigmoid, swiglu, tie_to
+from qwen_jax.ops import F32, as_bits, dense, from_bits, permute_rows, sigmoid, swiglu, tie_to
 from qwen_jax.sharding import DP, EP, disjoint_psum, expert_parallel_size
 
 
@@ -129,6 +129,7 @@ def blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block: int = EXPERT
         padded = jnp.pad(x_sorted, ((0, block - n_rows), (0, 0)))
         return blocked_expert_ffn.fun(padded, group_sizes, gate_up, down, block)[:n_rows]
     starts = jnp.cumsum(group_sizes) - group_sizes
+    dtype = x_sorted.dtype
 
     def one_expert(expert, out):
         size, start = group_sizes[expert], starts[expert]
@@ -141,7 +142,7 @@ def blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block: int = EXPERT
                 first = jnp.minimum(start + i * block, n_rows - block)
                 (rows,) = tie_to(first, x_sorted)
                 rows = jax.lax.dynamic_slice_in_dim(rows, first, block)
-                y = _expert_block(rows, expert_gate_up, expert_down)
+                y = as_bits(_expert_block(rows, expert_gate_up, expert_down))
                 row = first + jnp.arange(block)
                 mine = ((row >= start + i * block) & (row < start + size))[:, None]
                 y = jnp.where(mine, y, jax.lax.dynamic_slice_in_dim(out, first, block))
@@ -155,7 +156,10 @@ def blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block: int = EXPERT
 
     # The output starts as a copy of the rows, not of zeros: XLA:CPU makes a loop's copy of a constant at the start
     # of the program, every layer's at once. Every row in a group is overwritten; the others are not outputs.
-    return jax.lax.fori_loop(0, n_experts, one_expert, _varying_like(x_sorted, down))
+    # The blocks are written into the output's bits (same values): XLA:CPU computes a bf16 dynamic-update-slice in
+    # fp32, converting and copying the whole output for every block.
+    out = jax.lax.fori_loop(0, n_experts, one_expert, as_bits(_varying_like(x_sorted, down)))
+    return from_bits(out, dtype)
 
 
 def _blocked_expert_ffn_fwd(x_sorted, group_sizes, gate_up, down, block):
@@ -318,11 +322,11 @@ def slot_outputs(x, experts, gate_up, down, expert_ffn: Callable) -> jax.Array:
     n, k = experts.shape
     n_experts = gate_up.shape[0]
     order, group_sizes = sort_by_expert(experts, n_experts)
-    y_sorted = expert_ffn(x[order // k], group_sizes, gate_up, down)
-    # Unsorted by a gather: XLA:CPU computes a bf16 scatter in fp32, into a copy of its zeros that it schedules at the
-    # start of the program, one per layer (GiBs for a long forward).
-    position = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
-    y = y_sorted[position].reshape(n, k, -1)
+    x_sorted = x[order // k]
+    y_sorted = expert_ffn(x_sorted, group_sizes, gate_up, down)
+    # Unsorted by a scatter of the bits into the sorted rows' buffer: a bf16 scatter would be computed in fp32, into
+    # a copy of zeros that XLA:CPU schedules at the start of the program, one per layer (GiBs for a long forward).
+    y = permute_rows(y_sorted, order, x_sorted).reshape(n, k, -1)
     here = (experts >= 0) & (experts < n_experts)
     return jnp.where(here[..., None], y, jnp.zeros((), y.dtype))
 
@@ -343,12 +347,39 @@ def expert_parallel_slot_outputs(x, experts, gate_up, down, expert_ffn: Callable
     )
 
 
+def _select_slots(slots: jax.Array, order: jax.Array) -> jax.Array:
+    """[N, k, ...] -> [N, k, ...] with ``out[:, r] = slots[:, order[:, r]]``, by k - 1 selects of whole rows per slot."""
+    picked = []
+    for rank in range(slots.shape[1]):
+        which = order[:, rank].reshape(-1, *[1] * (slots.ndim - 2))
+        row = slots[:, 0]
+        for other in range(1, slots.shape[1]):
+            row = jnp.where(which == other, slots[:, other], row)
+        picked.append(row)
+    return jnp.stack(picked, axis=1)
+
+
+@jax.custom_jvp
+def slots_in_order(slots: jax.Array, order: jax.Array) -> jax.Array:
+    """``jnp.take_along_axis(slots, order[..., None], axis=1)``, moved as bits by selects (:func:`_select_slots`).
+
+    XLA:CPU computes a gather element by element (a bf16 one in fp32), fused with whatever uses it, where selects
+    of whole rows vectorise; and on the bits, XLA cannot fuse a product before them with an add after them into one
+    multiply-add, which would skip the product's fp32 rounding. Differentiable as the selects are."""
+    return from_bits(_select_slots(as_bits(slots), order), slots.dtype)
+
+
+@slots_in_order.defjvp
+def _slots_in_order_jvp(primals, tangents):
+    slots, order = primals
+    return slots_in_order(slots, order), _select_slots(tangents[0], order)
+
+
 def combine_slots(outputs: jax.Array, routing: Routing) -> jax.Array:
     """Weights each slot and sums the slots in ascending expert order, rounding after each add (as HF does)."""
     dtype = outputs.dtype
     weighted = (outputs * routing.weights[..., None]).astype(dtype)
-    order = jnp.argsort(routing.experts, axis=-1, stable=True)
-    weighted = jnp.take_along_axis(weighted, order[..., None], axis=1)
+    weighted = slots_in_order(weighted, jnp.argsort(routing.experts, axis=-1, stable=True))
     total = weighted[:, 0]
     for slot in range(1, weighted.shape[1]):
         total = (total + weighted[:, slot]).astype(dtype)

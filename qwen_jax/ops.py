@@ -60,6 +60,45 @@ def tie_to(anchor: jax.Array, *arrays: jax.Array) -> tuple[jax.Array, ...]:
     return tied[1:]
 
 
+#: The unsigned integer type of each float width: a float array's bits, moved by data movement alone.
+_BITS = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+def as_bits(x: jax.Array) -> jax.Array:
+    """``x``'s bits as unsigned integers of its width (a bitcast: no value changes).
+
+    XLA:CPU computes data movement on bf16 (dynamic-update-slice, gather, select) in fp32: it converts the whole
+    operand, and a dynamic-update-slice in a loop is then no longer done in place but converts and copies the
+    whole buffer every iteration. On the bits the same movement is done as written. :func:`from_bits` undoes it.
+    """
+    return jax.lax.bitcast_convert_type(x, _BITS[jnp.dtype(x.dtype).itemsize])
+
+
+def from_bits(bits: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """The values of ``dtype`` whose bits :func:`as_bits` gave."""
+    return jax.lax.bitcast_convert_type(bits, dtype)
+
+
+@jax.custom_jvp
+def permute_rows(rows: jax.Array, index: jax.Array, into: jax.Array) -> jax.Array:
+    """``into.at[index].set(rows)`` where ``index`` is a permutation of ``into``'s rows (each row overwritten, so
+    ``into``'s values do not matter: it lends its buffer), computed on the bits (:func:`as_bits`).
+
+    XLA:CPU fuses a gather into its consumers and then computes it element by element (a bf16 one in fp32); a
+    scatter is never fused, and on the bits it moves rows as they are: measured on [2048, 512] bf16 rows, 1.1-1.6
+    ms against 9 ms for the gather ``rows[inverse]`` fused with the MoE's slot sum. Differentiable as the scatter
+    (``into``'s tangent is dropped, as its values are)."""
+    return from_bits(as_bits(into).at[index].set(as_bits(rows), unique_indices=True), rows.dtype)
+
+
+@permute_rows.defjvp
+def _permute_rows_jvp(primals, tangents):
+    rows, index, into = primals
+    return permute_rows(rows, index, into), jnp.zeros_like(tangents[0]).at[index].set(
+        tangents[0], unique_indices=True
+    )
+
+
 def split_columns(x: jax.Array, widths: dict[str, int]) -> list[jax.Array]:
     """``x``'s last axis cut into consecutive blocks of the given widths (in ``widths`` order)."""
     return jnp.split(x, np.cumsum(list(widths.values()))[:-1], axis=-1)

@@ -60,3 +60,24 @@ def test_greedy_agreement_counts_identical_near_ties_and_bugs():
     assert out["first_step_max_abs_logit_diff"] == pytest.approx(
         float(ours_logits[2, 0, last] - ref_logits[2, 0, last])
     )
+
+
+def test_profile_scopes_leave_out_loops_and_conditionals():
+    """bench/profile_by_scope.py: a conditional (named ``cond.N`` by jax) contains its branches' thunks, so it is not
+    counted itself; the fusion inside takes its own scope, and the while loop is left out too."""
+    from profile_by_scope import instruction_scopes
+
+    hlo = "\n".join(
+        [
+            "%branch (p: u16[8]) -> (u16[8]) {",
+            '  %ynn_fusion.1 = f32[8]{0} fusion(%p), kind=kCustom, calls=%f, metadata={op_name="jit(f)/layer_0/moe/dot"}',
+            "}",
+            "ENTRY %main (x: u16[8]) -> u16[8] {",
+            "  %cond.1.clone = (u16[8]{0}) conditional(%c, %t, %t), branch_computations={%branch, %branch}",
+            "  %while.3 = (s32[], /*index=1*/u16[8]{0}) while(%tuple), condition=%c, body=%branch",
+            '  %add.2 = f32[8]{0} add(%a, %b), metadata={op_name="jit(f)/layer_1/full_attention/add"}',
+            "}",
+        ]
+    )
+    scopes = instruction_scopes(hlo)
+    assert scopes == {"ynn_fusion.1": "moe", "add.2": "full_attention"}
