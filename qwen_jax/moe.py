@@ -247,15 +247,10 @@ def kernel_expert_ffn(x_sorted, group_sizes, gate_up, down):
     return kernels.grouped_matmul(_split_gate_up(h), group_sizes, down).astype(x_sorted.dtype)
 
 
-def _decode_kernel() -> bool:
-    """Whether this is a decode step on the CPU with the native kernel available (both modes use it then)."""
-    return in_decode_step() and kernels.enabled()
-
-
 def auto_expert_ffn(x_sorted, group_sizes, gate_up, down):
     """The native kernel in a CPU decode step; otherwise per-row gathers for a few rows (batch-1 decode), else
     ``ragged_dot`` on accelerators and blocks on the CPU (small blocks in a decode step)."""
-    if _decode_kernel():
+    if kernels.for_decode_step():
         return kernel_expert_ffn(x_sorted, group_sizes, gate_up, down)
     if x_sorted.shape[0] <= GATHER_MAX_ROWS:
         return gather_expert_ffn(x_sorted, group_sizes, gate_up, down)
@@ -273,7 +268,7 @@ def invariant_expert_ffn(x_sorted, group_sizes, gate_up, down):
     """The batch-invariant mode's experts: always blocks of :data:`INVARIANT_EXPERT_BLOCK` rows (of
     :data:`DECODE_EXPERT_BLOCK` in a decode step), so a row is computed by the same fixed-shape matmuls whatever the
     number of rows; in a CPU decode step, the native kernel, invariant by construction."""
-    if _decode_kernel():
+    if kernels.for_decode_step():
         return kernel_expert_ffn(x_sorted, group_sizes, gate_up, down)
     block = DECODE_EXPERT_BLOCK if in_decode_step() else INVARIANT_EXPERT_BLOCK
     return blocked_expert_ffn(x_sorted, group_sizes, gate_up, down, block)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax import kernels
-from qwen_jax.invariance import batch_invariant, in_decode_step, map_row_tiles
+from qwen_jax.invariance import batch_invariant, map_row_tiles
 
 F32 = jnp.float32
 
@@ -35,7 +35,7 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
         return map_row_tiles(lambda rows: dense(rows, w), x)
     rows = math.prod(x.shape[:-1])
     if rows == 1 and x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
-        if in_decode_step() and kernels.enabled():
+        if kernels.for_decode_step():
             out = kernels.grouped_matmul(x.reshape(1, -1), jnp.ones((1,), jnp.int32), w[None])
             return out.astype(x.dtype).reshape(*x.shape[:-1], -1)
         two = jnp.broadcast_to(x.reshape(1, -1), (2, x.shape[-1]))

@@ -29,6 +29,7 @@ from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from qwen_jax.config import ModelConfig
+from qwen_jax.ops import as_bits, from_bits
 
 EP = "ep"
 DP = "dp"
@@ -105,8 +106,7 @@ def disjoint_psum(x: jax.Array, axis: str) -> jax.Array:
     if x.dtype.itemsize == 2 and x.ndim and x.shape[-1] % 2 == 0:  # two bf16 values per uint32
         bits = jax.lax.bitcast_convert_type(x.reshape(*x.shape[:-1], -1, 2), jnp.uint32)
         return jax.lax.bitcast_convert_type(jax.lax.psum(bits, axis), x.dtype).reshape(x.shape)
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint16 if x.dtype.itemsize == 2 else jnp.uint32)
-    return jax.lax.bitcast_convert_type(jax.lax.psum(bits, axis), x.dtype)
+    return from_bits(jax.lax.psum(as_bits(x), axis), x.dtype)
 
 
 @disjoint_psum.defjvp

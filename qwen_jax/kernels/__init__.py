@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
+from qwen_jax.invariance import in_decode_step
+
 #: Set to ``0`` to keep the XLA paths (no build, no custom call).
 ENV_SWITCH = "QWEN_JAX_CPU_KERNELS"
 #: Where the built libraries go (default: the user's cache directory).
@@ -127,6 +129,12 @@ def _registered() -> bool:
 def enabled() -> bool:
     """Whether :func:`grouped_matmul` may be used now: the CPU backend, switched on, and the library built."""
     return jax.default_backend() == "cpu" and switched_on() and _registered()
+
+
+def for_decode_step() -> bool:
+    """Whether the code being traced uses the native kernels: a decode step (the kernels have no derivative, and a
+    forward or prefill keeps XLA's path) with :func:`enabled` true."""
+    return in_decode_step() and enabled()
 
 
 def grouped_matmul(x: jax.Array, group_sizes: jax.Array, weights: jax.Array) -> jax.Array:
