@@ -8,7 +8,9 @@ gathers, max, min, top-k and argsort are exact. So a program computes a row the 
 sum over a row's features runs on a fixed shape:
 
 - per-token work (the dense projections, lm_head, the norms, the router) runs on tiles of :data:`ROW_TILE` rows
-  (:func:`map_row_tiles`): one fixed-shape program applied tile after tile, whatever the number of rows;
+  (:func:`map_row_tiles`): one fixed-shape program applied tile after tile, whatever the number of rows; in a
+  CPU decode step the dense projections and lm_head (``qwen_jax.ops.dense``) run in the native kernel instead,
+  all rows at once (invariant by construction);
 - the routed experts run on blocks of one expert (``qwen_jax.moe.blocked_expert_ffn``) of :data:`ROW_TILE` rows
   in a forward or prefill and of ``qwen_jax.moe.DECODE_EXPERT_BLOCK`` in a decode step (:func:`decode_step_mode`),
   whatever the row count (the default mode switches to per-row gathers for a few rows); a decode step on the CPU

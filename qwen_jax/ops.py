@@ -29,18 +29,30 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     of one or two rows reads the weights at a few GB/s (the batch-1 lm_head of the real vocabulary, 1 GB in bf16,
     took 3-8x the kernel's time, measured 2026-12-02); the same product, summed in another order.
 
-    In the batch-invariant mode the product runs on fixed tiles of rows (:func:`qwen_jax.invariance.map_row_tiles`).
+    In the batch-invariant mode the product runs on fixed tiles of rows (:func:`qwen_jax.invariance.map_row_tiles`),
+    except in a decode step where the native kernel is available: the kernel computes each row alike whatever the
+    number of rows, so all rows go through it at once (no tiles; at 16 rows it read the bench config's lm_head
+    faster than XLA's tiles, measured 2026-12-02).
     """
     if batch_invariant():
+        if kernels.for_decode_step():
+            return kernel_dense(x, w)
         return map_row_tiles(lambda rows: dense(rows, w), x)
     rows = math.prod(x.shape[:-1])
     if rows == 1 and x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
         if kernels.for_decode_step():
-            out = kernels.grouped_matmul(x.reshape(1, -1), jnp.ones((1,), jnp.int32), w[None])
-            return out.astype(x.dtype).reshape(*x.shape[:-1], -1)
+            return kernel_dense(x, w)
         two = jnp.broadcast_to(x.reshape(1, -1), (2, x.shape[-1]))
         return jnp.matmul(two, w, preferred_element_type=F32)[:1].astype(x.dtype).reshape(*x.shape[:-1], -1)
     return jnp.matmul(x, w, preferred_element_type=F32).astype(x.dtype)
+
+
+def kernel_dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` through the native kernel (:func:`qwen_jax.kernels.grouped_matmul`, every row one group of a single
+    expert), accumulated in fp32 and rounded to ``x.dtype``; each row's result independent of the other rows."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = kernels.grouped_matmul(rows, jnp.full((1,), rows.shape[0], jnp.int32), w[None])
+    return out.astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def tie_to(anchor: jax.Array, *arrays: jax.Array) -> tuple[jax.Array, ...]:

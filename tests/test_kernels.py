@@ -70,6 +70,59 @@ def test_a_rows_output_does_not_depend_on_the_other_rows(dtype):
     assert np.array_equal(out[4:], full[:3])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_many_rows_over_many_items_give_each_rows_bits_alone(dtype):
+    """A call cut into many items (experts with more rows than a tile, columns in several chunks), shared out among
+    the calling thread and the pool's workers as each asks, gives every row the bits it has alone."""
+    rng = np.random.default_rng(4)
+    groups = np.array([9, 0, 14, 3], np.int32)
+    x = jnp.asarray(rng.normal(size=(int(groups.sum()), 256)), dtype)
+    w = jnp.asarray(rng.normal(size=(4, 256, 3000)), dtype)  # 256 x 3000 weights per expert: 3 column chunks
+    full = np.asarray(kernels.grouped_matmul(x, jnp.asarray(groups), w))
+    for row, expert in enumerate(np.repeat(np.arange(4), groups)):
+        alone = np.asarray(
+            kernels.grouped_matmul(x[row : row + 1], jnp.ones((1,), jnp.int32), w[expert : expert + 1])
+        )
+        assert np.array_equal(alone[0], full[row]), row
+
+
+def test_concurrent_calls_give_the_bits_of_one_call():
+    """Calls made at once from several threads (as XLA runs the devices of an ``ep`` mesh): one uses the pool, the
+    others run on their own threads; each result is the same bits as the call alone."""
+    import concurrent.futures
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(24, 256)), jnp.float32)
+    groups = jnp.asarray([10, 6, 8], jnp.int32)
+    weights = [jnp.asarray(rng.normal(size=(3, 256, 1500)), jnp.float32) for _ in range(4)]
+    call = jax.jit(kernels.grouped_matmul)
+    alone = [np.asarray(call(x, groups, w)) for w in weights]
+    with concurrent.futures.ThreadPoolExecutor(4) as threads:
+        for _ in range(5):
+            at_once = list(threads.map(lambda w: np.asarray(call(x, groups, w)), weights))
+            assert all(np.array_equal(a, b) for a, b in zip(alone, at_once, strict=True))
+
+
+def test_an_invariant_decode_steps_dense_goes_through_the_kernel_at_any_row_count():
+    """In the batch-invariant mode a decode step's ``ops.dense`` runs all rows through the kernel (no row tiles):
+    each row gives the bits it has alone; a forward or prefill keeps the tiles (XLA's dot)."""
+    from qwen_jax.ops import dense
+
+    rng = np.random.default_rng(6)
+    w = jnp.asarray(rng.normal(0, 0.1, (K, N)), jnp.float32)
+    rows = jnp.asarray(rng.normal(size=(3, 7, K)), jnp.float32)
+    assert "qwen_jax_grouped_matmul" in traced(dense, (rows, w), invariant=True)
+    assert "qwen_jax_grouped_matmul" not in traced(dense, (rows, w), decoding=False, invariant=True)
+    with decode_step_mode(True), batch_invariant_mode(True):
+        ours = np.asarray(jax.jit(lambda r, w: dense(r, w))(rows, w))
+        alone = np.asarray(jax.jit(lambda r, w: dense(r, w))(rows[1:2, 4:5], w))
+    assert ours.shape == (3, 7, N)
+    assert np.array_equal(alone[0, 0], ours[1, 4])
+    np.testing.assert_allclose(
+        ours, np.asarray(rows, np.float64) @ np.asarray(w, np.float64), rtol=1e-5, atol=1e-5
+    )
+
+
 def traced(fn, operands_, decoding: bool = True, invariant: bool = False) -> str:
     """``fn``'s jaxpr in a decode step (or not), traced afresh (a new function: JAX caches traces by function, not
     by the mode switches)."""

@@ -5,6 +5,9 @@ slice, a static slice or a gather alike), and in a decode step those copies cost
 :func:`grouped_matmul` (``grouped_matmul.cc``) reads the weights where they lie. Each output element is one chain
 of fused multiply-adds over the input features in order, from zero: a row's result depends on its own row and its
 expert's weights only (batch-invariant by construction), and is the same with AVX-512, AVX2 or scalar code.
+A call's work (experts x column chunks) is shared with a persistent pool of worker threads (one per other core);
+which thread computes an element changes none of its bits. In the batch-invariant mode a decode step's dense
+products (``ops.dense``: projections, lm_head) run through it too, all rows at once.
 
 The source is compiled on first use with the C++ compiler (``$CXX``, else ``g++``) into a shared library cached
 under ``$QWEN_JAX_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/qwen_jax/kernels`` or ``~/.cache/qwen_jax/kernels``),

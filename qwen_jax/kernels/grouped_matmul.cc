@@ -10,9 +10,12 @@
 // own x row and its expert's weights only (batch-invariant by construction), and is the same on any x86 ISA
 // (AVX-512, AVX2 + FMA, or scalar fmaf: a fused multiply-add is exactly rounded). Build without -ffast-math.
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -124,53 +127,178 @@ void row_tile(const XT* x, const WT* w, float* out, int64_t K, int64_t N, int64_
   }
 }
 
-// Columns [n0, n1) of every row.
+// Columns [n0, n1) of one expert's rows (``rows`` rows of x and out, from the expert's first).
 template <typename XT, typename WT>
-void grouped_columns(const XT* x, const int32_t* group_sizes, const WT* w, float* out, int64_t R, int64_t K,
-                     int64_t N, int64_t E, int64_t n0, int64_t n1) {
-  int64_t row = 0;
-  for (int64_t e = 0; e < E && row < R; ++e) {
-    const int64_t end = std::min<int64_t>(R, row + std::max<int32_t>(group_sizes[e], 0));
-    const WT* we = w + e * K * N;
-    for (; row < end; row += kRowTile) {
-      const XT* xr = x + row * K;
-      float* outr = out + row * N;
-      switch (std::min<int64_t>(kRowTile, end - row)) {
-        case 4: row_tile<4>(xr, we, outr, K, N, n0, n1); break;
-        case 3: row_tile<3>(xr, we, outr, K, N, n0, n1); break;
-        case 2: row_tile<2>(xr, we, outr, K, N, n0, n1); break;
-        default: row_tile<1>(xr, we, outr, K, N, n0, n1); break;
-      }
+void expert_columns(const XT* x, const WT* w, float* out, int64_t rows, int64_t K, int64_t N, int64_t n0,
+                    int64_t n1) {
+  for (int64_t row = 0; row < rows; row += kRowTile) {
+    const XT* xr = x + row * K;
+    float* outr = out + row * N;
+    switch (std::min<int64_t>(kRowTile, rows - row)) {
+      case 4: row_tile<4>(xr, w, outr, K, N, n0, n1); break;
+      case 3: row_tile<3>(xr, w, outr, K, N, n0, n1); break;
+      case 2: row_tile<2>(xr, w, outr, K, N, n0, n1); break;
+      default: row_tile<1>(xr, w, outr, K, N, n0, n1); break;
     }
-    row = end;
   }
-  for (; row < R; ++row) std::fill(out + row * N + n0, out + row * N + n1, 0.0f);  // rows in no group
 }
 
-// A product with one large weight matrix (a batch-1 lm_head: 248,320 x 2,048) is split by columns over threads:
-// one thread reads memory at well under the machine's bandwidth. Columns never share a sum, so the bits are those
-// of one thread. Small products (an expert's weights) stay on the calling thread: a thread costs tens of us.
-constexpr int64_t kThreadMinWeights = int64_t(1) << 22;  // weight elements per extra thread (8 MiB in bf16)
-constexpr int64_t kMaxThreads = 8;
+// The work of a call is cut into items, one expert's rows at one chunk of columns, in the order the weights lie
+// (expert by expert, chunk by chunk): an item reads about kItemWeights weight elements (1 MiB in fp32), which
+// stay in the core's L2 cache while the item's row tiles go over them, and the items are shared out among the
+// calling thread and a pool's workers as each asks for the next. Every output element is still computed whole by
+// one thread, with the same chain: how the items fall changes no bit.
+constexpr int64_t kItemWeights = int64_t(1) << 18;
+constexpr int64_t kMaxThreads = 8;  // the calling thread and up to 7 workers
+constexpr int64_t kMaxItems = 0xFFFF;
+
+struct Item {
+  int64_t row, rows, expert, n0, n1;
+};
+
+// Column chunk width: a multiple of the widest tile, about kItemWeights weights, within the kMaxItems limit.
+inline int64_t chunk_columns(int64_t K, int64_t N, int64_t used) {
+  const int64_t step = 8 * kWidth;
+  int64_t chunk = std::max<int64_t>(step, kItemWeights / std::max<int64_t>(K, 1) / step * step);
+  const int64_t per_expert = kMaxItems / std::max<int64_t>(used, 1);
+  if ((N + chunk - 1) / chunk > per_expert) chunk = (N + per_expert - 1) / per_expert;
+  return std::min(N, chunk);
+}
+
+std::vector<Item> items_of(const int32_t* group_sizes, int64_t R, int64_t K, int64_t N, int64_t E) {
+  int64_t used = 0;
+  for (int64_t e = 0; e < E; ++e) used += group_sizes[e] > 0;
+  const int64_t chunk = chunk_columns(K, N, used);
+  std::vector<Item> items;
+  int64_t row = 0;
+  for (int64_t e = 0; e < E && row < R; ++e) {
+    const int64_t rows = std::min<int64_t>(R - row, std::max<int32_t>(group_sizes[e], 0));
+    for (int64_t n0 = 0; rows > 0 && n0 < N; n0 += chunk) items.push_back({row, rows, e, n0, std::min(N, n0 + chunk)});
+    row += rows;
+  }
+  return items;
+}
+
+inline void relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Workers that take items of the current call while it lasts. The job's state is one word: a generation (which
+// call), the number of items and the next unclaimed one; an item is claimed by a compare-and-swap on that word, so
+// a worker that wakes late (the machine busy) finds the call over, or items gone, and claims nothing: the calling
+// thread never waits for a worker that has not started an item, only for items already started. A worker spins a
+// while after its last item (the next call is usually soon), then sleeps. One call at a time uses the pool; a
+// call that finds it in use runs on its own thread.
+class Pool {
+ public:
+  using Run = void (*)(const void* job, int64_t item);
+
+  static Pool* get() {
+    static Pool* pool = new Pool;  // never destroyed: its workers live as long as the process
+    return pool;
+  }
+  int64_t workers() const { return int64_t(threads_.size()); }
+
+  // Runs run(job, i) for every i < count, on this thread and the workers; false if the pool is in use.
+  bool run(Run run, const void* job, int64_t count) {
+    std::unique_lock<std::mutex> caller(caller_, std::try_to_lock);
+    if (!caller.owns_lock()) return false;
+    run_ = run;
+    job_ = job;
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (state_.load(std::memory_order_relaxed) >> 32) + 1;
+    state_.store(gen << 32 | uint64_t(count) << 16, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(sleep_);
+      wake_.notify_all();
+    }
+    work(gen);
+    for (int64_t spins = 0; done_.load(std::memory_order_acquire) < count; ++spins)
+      spins < kSpin ? relax() : std::this_thread::yield();
+    return true;
+  }
+
+ private:
+  static constexpr int64_t kSpin = 2000;  // pause instructions (about 20 us here) before a worker sleeps
+
+  Pool() {
+    const int64_t hardware = std::max<int64_t>(1, std::thread::hardware_concurrency());
+    for (int64_t t = 1; t < std::min(hardware, kMaxThreads); ++t) {
+      threads_.emplace_back([this] { serve(); });
+      threads_.back().detach();
+    }
+  }
+
+  // Claims and runs items of call ``gen`` until none is left (or the call is over).
+  void work(uint64_t gen) {
+    for (;;) {
+      uint64_t s = state_.load(std::memory_order_acquire);
+      if (s >> 32 != gen || (s & 0xFFFF) >= ((s >> 16) & 0xFFFF)) return;
+      if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
+      run_(job_, int64_t(s & 0xFFFF));
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void serve() {
+    uint64_t seen = 0;
+    for (;;) {
+      int64_t spins = 0;
+      while (state_.load(std::memory_order_acquire) >> 32 == seen && spins++ < kSpin) relax();
+      if (state_.load(std::memory_order_acquire) >> 32 == seen) {
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        std::unique_lock<std::mutex> lock(sleep_);
+        wake_.wait(lock, [&] { return state_.load(std::memory_order_seq_cst) >> 32 != seen; });
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
+      }
+      seen = state_.load(std::memory_order_acquire) >> 32;
+      work(seen);
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex caller_, sleep_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int64_t> done_{0}, sleepers_{0};
+  Run run_ = nullptr;
+  const void* job_ = nullptr;
+};
+
+template <typename XT, typename WT>
+struct Job {
+  const XT* x;
+  const WT* w;
+  float* out;
+  int64_t K, N;
+  const Item* items;
+
+  static void run(const void* self, int64_t i) {
+    const Job& job = *static_cast<const Job*>(self);
+    const Item& it = job.items[i];
+    expert_columns(job.x + it.row * job.K, job.w + it.expert * job.K * job.N, job.out + it.row * job.N, it.rows,
+                   job.K, job.N, it.n0, it.n1);
+  }
+};
 
 template <typename XT, typename WT>
 void grouped_matmul(const XT* x, const int32_t* group_sizes, const WT* w, float* out, int64_t R, int64_t K,
                     int64_t N, int64_t E) {
-  int64_t used = 0;  // experts with rows: the weights actually read
-  for (int64_t e = 0; e < E; ++e) used += group_sizes[e] > 0;
-  const int64_t hardware = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  const int64_t by_size = used * K * N / kThreadMinWeights;
-  const int64_t step = 8 * kWidth;  // whole tiles per thread
-  const int64_t threads = std::max<int64_t>(1, std::min({hardware, kMaxThreads, by_size, N / step}));
-  if (threads == 1) return grouped_columns(x, group_sizes, w, out, R, K, N, E, 0, N);
-  std::vector<std::thread> pool;
-  const int64_t share = (N / threads + step - 1) / step * step;
-  for (int64_t t = 1; t < threads; ++t) {
-    const int64_t n0 = std::min(N, t * share), n1 = t + 1 == threads ? N : std::min(N, (t + 1) * share);
-    pool.emplace_back([=] { grouped_columns(x, group_sizes, w, out, R, K, N, E, n0, n1); });
-  }
-  grouped_columns(x, group_sizes, w, out, R, K, N, E, 0, std::min(N, share));
-  for (auto& thread : pool) thread.join();
+  const std::vector<Item> items = items_of(group_sizes, R, K, N, E);
+  int64_t grouped = 0;
+  for (const Item& it : items) grouped = std::max(grouped, it.row + it.rows);
+  std::fill(out + grouped * N, out + R * N, 0.0f);  // rows in no group
+  const Job<XT, WT> job{x, w, out, K, N, items.data()};
+  const int64_t count = int64_t(items.size());
+  int64_t weights = 0;  // read by the call: a small product stays on the calling thread (a wake costs microseconds)
+  for (const Item& it : items) weights += K * (it.n1 - it.n0);
+  const bool shared = count > 1 && count <= kMaxItems && weights >= kItemWeights && Pool::get()->workers() > 0;
+  if (shared && Pool::get()->run(&Job<XT, WT>::run, &job, count)) return;
+  for (int64_t i = 0; i < count; ++i) Job<XT, WT>::run(&job, i);
 }
 
 template <typename XT>
