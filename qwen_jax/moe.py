@@ -343,15 +343,13 @@ def expert_parallel_slot_outputs(x, experts, gate_up, down, expert_ffn: Callable
 
 
 def _select_slots(slots: jax.Array, order: jax.Array) -> jax.Array:
-    """[N, k, ...] -> [N, k, ...] with ``out[:, r] = slots[:, order[:, r]]``, by k - 1 selects of whole rows per slot."""
-    picked = []
-    for rank in range(slots.shape[1]):
-        which = order[:, rank].reshape(-1, *[1] * (slots.ndim - 2))
-        row = slots[:, 0]
-        for other in range(1, slots.shape[1]):
-            row = jnp.where(which == other, slots[:, other], row)
-        picked.append(row)
-    return jnp.stack(picked, axis=1)
+    """[N, k, ...] -> [N, k, ...] with ``out[:, r] = slots[:, order[:, r]]``, by k - 1 selects of whole rows (each
+    slot's row broadcast over the k ranks: few ops to compile, the same selects per element)."""
+    which = order.reshape(*order.shape, *[1] * (slots.ndim - 2))
+    picked = jnp.broadcast_to(slots[:, :1], slots.shape)
+    for other in range(1, slots.shape[1]):
+        picked = jnp.where(which == other, slots[:, other : other + 1], picked)
+    return picked
 
 
 @jax.custom_jvp

@@ -204,3 +204,18 @@ def test_expert_parallel_gradients_equal_one_device():
     result = run_on_8_devices(EXPERT_PARALLEL_GRADIENTS, Path(__file__).parent, 300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(" ok") == 2
+
+
+def test_slots_in_order_moves_bits_as_take_along_axis():
+    """slots_in_order is ``take_along_axis`` over the k slots, bit for bit (negative zeros, NaNs, bf16 included)."""
+    from qwen_jax.moe import slots_in_order
+
+    rng = np.random.RandomState(1)
+    slots = rng.standard_normal((64, 8, 16)).astype(np.float32)
+    slots[0, 3, :4] = [-0.0, np.nan, np.inf, -np.inf]
+    order = np.stack([rng.permutation(8) for _ in range(64)]).astype(np.int32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jnp.asarray(slots, dtype)
+        ours = jax.jit(slots_in_order)(x, order)
+        expected = jnp.take_along_axis(x, order[..., None], axis=1)
+        np.testing.assert_array_equal(np.asarray(ours).view(np.uint8), np.asarray(expected).view(np.uint8))
