@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen_jax import kernels
 from qwen_jax.cache import DecodeState, init_decode_state
 from qwen_jax.delta_rule import CHUNK_SIZE
 from qwen_jax.invariance import batch_invariant_mode, check_right_padded
@@ -104,7 +105,7 @@ def _prefill(
     model = nnx.merge(graphdef, params)
     cache = init_decode_state(model.cfg, input_ids.shape[0], max_length, model.dtype)
     positions = default_positions(attention_mask)
-    with batch_invariant_mode(batch_invariant):
+    with batch_invariant_mode(batch_invariant), kernels.prefill_mode():
         if batch_invariant or input_ids.shape[1] <= segment:
             return prefill_segment(model, input_ids, attention_mask, positions, cache, moe_backend)
         return prefill_in_segments(model, input_ids, attention_mask, positions, cache, moe_backend, segment)
