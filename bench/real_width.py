@@ -23,6 +23,10 @@ What is timed, with equal work on both sides, each through its public greedy ``g
   ``qwen_jax.generate`` (greedy, ``stop_token_ids=()``, cache length 768 for both calls, so both reuse one
   compiled program). Each side warms up once (JAX compiles there), then runs ``--repeats`` (prefill, decode) pairs.
 - **peak RSS** of each side's own process (``VmHWM``: load, compile and the runs), over its parameters' bytes.
+- **decode roofline** (``bench/roofline.py``): the bytes a batch-1 step must read (the lm_head, each layer's
+  projections and shared expert, 8 of the 256 routed experts) over the read bandwidth measured by this script
+  before each dtype's runs: the most tokens per second any exact implementation reaches here, and that as a
+  multiple of HF's measured decode speed (the ceiling of the decode ratio).
 
 Each side runs in its own subprocess, one at a time (never both at once), so that each fits in memory and its
 peak RSS is its own; a side is skipped, with a note, when ``MemAvailable`` is below ``MEMORY_MARGIN`` x its weights,
@@ -49,6 +53,7 @@ import time
 from pathlib import Path
 
 import paired
+import roofline
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "qwen_jax" / "data" / "qwen3_6_35b_a3b_config.json"
@@ -168,6 +173,7 @@ def run_jax(path: Path, dtype: str, repeats: int) -> dict:
         "load_s": load_s,
         **paired.timed_pairs(generate_tokens, NEW, repeats),
         "weight_bytes": weight_bytes,
+        "decode_step_bytes": roofline.model_decode_step_bytes(model),
         "peak_rss_bytes": own_peak_rss(),
         "devices": str(jax.devices()),
     }
@@ -207,10 +213,11 @@ def in_subprocess(side: str, path: Path, dtype: str, repeats: int) -> dict:
         return json.loads(out.read().splitlines()[-1])
 
 
-def summarise(dtype: str, rounds: list[dict]) -> dict:
+def summarise(dtype: str, rounds: list[dict], bandwidth: float | None = None) -> dict:
     """Speeds (``paired.summarise_speeds``: medians over every repeat of every round, per side; ratios JAX / HF of
     those; each round's ratios), peak RSS over the weights, load seconds, greedy tokens before the first
-    difference."""
+    difference, and the decode's memory roofline (:mod:`roofline`: the bytes a step reads over ``bandwidth``, the
+    machine's read bandwidth, bounds any implementation's decode speed; also as a multiple of HF's speed)."""
 
     out: dict = {"dtype": dtype, **paired.summarise_speeds(rounds, PROMPT, NEW)}
     for side in ("hf", "jax"):
@@ -224,6 +231,9 @@ def summarise(dtype: str, rounds: list[dict]) -> dict:
         errors = [r[side]["error"] for r in rounds if "error" in r[side]]
         if errors:
             out[f"{side}_errors"] = errors
+    steps = [r["jax"]["decode_step_bytes"] for r in rounds if "decode_step_bytes" in r["jax"]]
+    if steps and bandwidth and "decode_tokens_per_s" in out:
+        out["decode_roofline"] = roofline.bound(steps[0], bandwidth, out["decode_tokens_per_s"]["hf"])
     pairs = [
         (r["hf"]["tokens"], r["jax"]["tokens"])
         for r in rounds
@@ -268,7 +278,10 @@ def main() -> int:
     summaries = []
     for dtype in ("bfloat16", "float32") if args.dtype == "both" else (args.dtype,):
         need = MEMORY_MARGIN * PARAMS * (2 if dtype == "bfloat16" else 4)
-        rounds = []
+        rounds, bandwidth = (
+            [],
+            roofline.read_bandwidth(),
+        )  # here, in the parent: the sides' RSS stays their own
         for i in range(args.rounds):
             result = {}
             for side in ("hf", "jax"):
@@ -280,7 +293,7 @@ def main() -> int:
                     print(f"{dtype} round {i + 1}/{args.rounds}: {side} ...", flush=True)
                     result[side] = in_subprocess(side, args.cache, dtype, args.repeats)
             rounds.append(result)
-        summary = summarise(dtype, rounds)
+        summary = summarise(dtype, rounds, bandwidth)
         summary["rounds"] = rounds
         summaries.append(summary)
         brief = {k: v for k, v in summary.items() if k != "rounds"}

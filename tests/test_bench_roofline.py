@@ -41,3 +41,17 @@ def test_the_real_width_two_layer_model_reads_its_lm_head_and_nine_experts_a_lay
     assert (
         bound["max_tokens_per_s"] == 30e9 / step and bound["max_ratio_over_reference"] == 30e9 / step / 12.0
     )
+
+
+def test_the_real_width_summary_gives_the_decode_ceiling_as_a_multiple_of_hf():
+    import real_width
+
+    def side(decode_s, **extra):
+        return {"prefill_s": [1.0], "decode_s": [decode_s], "tokens": [1, 2], "weight_bytes": 10, **extra}
+
+    run = {"peak_rss_bytes": 11, "load_s": 1.0}
+    rounds = [{"hf": side(5.0, **run), "jax": side(4.0, decode_step_bytes=2 * 10**9, **run)}]
+    summary = real_width.summarise("bfloat16", rounds, bandwidth=10e9)
+    hf_tok_s = real_width.NEW / 5.0
+    assert summary["decode_roofline"]["max_tokens_per_s"] == 5.0
+    assert summary["decode_roofline"]["max_ratio_over_reference"] == 5.0 / hf_tok_s
