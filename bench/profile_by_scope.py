@@ -1,6 +1,8 @@
 """Where the JAX side's time goes on ``bench/decode_vs_hf.py``'s config, by ``jax.named_scope``.
 
-    python bench/profile_by_scope.py [--dtype float32|bfloat16] [--runs 5] [--prompt 512]
+    python bench/profile_by_scope.py [--dtype float32|bfloat16] [--runs 5] [--prompt 512] [--checkpoint DIR]
+
+``--checkpoint`` profiles another checkpoint instead (``bench/real_width.py``'s cached one: the real widths).
 
 Traces (``jax.profiler``) the compiled ``generate`` prefill of a ``--prompt``-token prompt and one decode step
 (cache length prompt + 128), ``--runs`` times each. Each trace event of XLA:CPU is a thunk named after its HLO
@@ -122,6 +124,7 @@ def main() -> int:
     parser.add_argument(
         "--invariant", action="store_true", help="the batch-invariant mode (batch_invariant=True)"
     )
+    parser.add_argument("--checkpoint", type=Path, help="this checkpoint instead of the bench config's")
     args = parser.parse_args()
     import jax
     import jax.numpy as jnp
@@ -132,9 +135,12 @@ def main() -> int:
     from qwen_jax.generate import _prefill, decode_step
     from qwen_jax.invariance import batch_invariant_mode
 
-    with tempfile.TemporaryDirectory() as tmp:
-        build_checkpoint(Path(tmp))
-        model = qwen_jax.load_hf(tmp, args.dtype)
+    if args.checkpoint:
+        model = qwen_jax.load_hf(str(args.checkpoint), args.dtype)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            build_checkpoint(Path(tmp))
+            model = qwen_jax.load_hf(tmp, args.dtype)
     graphdef, params = nnx.split(model)
     ids = prompt_ids(args.prompt, rows=args.batch).astype("int32")
     mask, max_length = np.ones_like(ids), args.prompt + 128

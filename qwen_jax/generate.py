@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen_jax import kernels
 from qwen_jax.cache import DecodeState, init_decode_state
 from qwen_jax.delta_rule import CHUNK_SIZE
 from qwen_jax.invariance import batch_invariant_mode, check_right_padded
@@ -92,7 +93,7 @@ def _prefill(graphdef, params, input_ids, attention_mask, max_length, moe_backen
     model = nnx.merge(graphdef, params)
     cache = init_decode_state(model.cfg, input_ids.shape[0], max_length, model.dtype)
     positions = default_positions(attention_mask)
-    with batch_invariant_mode(batch_invariant):
+    with batch_invariant_mode(batch_invariant), kernels.prefill_mode():
         return prefill_segment(model, input_ids, attention_mask, positions, cache, moe_backend)
 
 
@@ -133,9 +134,9 @@ def _empty_state(graphdef, params, batch: int, max_length: int) -> DecodeState:
 @functools.partial(jax.jit, static_argnames=("graphdef", "moe_backend"), donate_argnames=("cache",))
 def _prefill_continued(graphdef, params, input_ids, attention_mask, positions, cache, moe_backend):
     """:func:`prefill_segment` as its own program: the decode state is donated (extended in place)."""
-    return prefill_segment(
-        nnx.merge(graphdef, params), input_ids, attention_mask, positions, cache, moe_backend
-    )
+    with kernels.prefill_mode():
+        model = nnx.merge(graphdef, params)
+        return prefill_segment(model, input_ids, attention_mask, positions, cache, moe_backend)
 
 
 def prefill_in_segments(graphdef, params, input_ids, attention_mask, max_length, moe_backend, segment):

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from qwen_jax import kernels, moe
 from qwen_jax.invariance import batch_invariant_mode, decode_step_mode
 
 # N = 168 columns: whole 8-vector and 4-vector tiles, single vectors and single columns (AVX-512 and AVX2 alike);
-# K = 136 features: two full blocks of 64 and a partial one.
+# K = 136 features: whole blocks of input features (32 or 64) and a partial one.
 E, K, N = 6, 136, 168
 GROUPS = np.array([3, 0, 5, 1, 2, 0], np.int32)  # rows 0-10; 11 rows, with one more in no group
 
@@ -123,10 +125,27 @@ def test_an_invariant_decode_steps_dense_goes_through_the_kernel_at_any_row_coun
     )
 
 
-def traced(fn, operands_, decoding: bool = True, invariant: bool = False) -> str:
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_an_expert_with_many_rows_gives_each_row_its_bits_alone(dtype):
+    """A prefill's expert has tens of rows: several full row tiles and a short one, each block of the expert's
+    weights shared by all of them. Every row gives the bits it gives alone, and stays within fp32 rounding."""
+    rows = 21
+    x, w = operands(dtype, rows=rows, seed=4)
+    groups = np.array([0, rows, 0, 0, 0, 0], np.int32)
+    full = np.asarray(kernels.grouped_matmul(x, jnp.asarray(groups), w))
+    bound = 2 * K * np.finfo(np.float32).eps * reference(np.abs(np.asarray(x, np.float32)), groups, np.abs(w))
+    assert np.all(np.abs(full - reference(x, groups, w)) <= bound + 1e-30)
+    alone = jnp.asarray([0, 1, 0, 0, 0, 0], jnp.int32)
+    for row in range(rows):
+        out = np.asarray(kernels.grouped_matmul(x[row : row + 1], alone, w))
+        assert np.array_equal(out[0], full[row]), row
+
+
+def traced(fn, operands_, decoding: bool = True, invariant: bool = False, prefill: bool = False) -> str:
     """``fn``'s jaxpr in a decode step (or not), traced afresh (a new function: JAX caches traces by function, not
     by the mode switches)."""
-    with decode_step_mode(decoding), batch_invariant_mode(invariant):
+    prefill_mode = kernels.prefill_mode() if prefill else contextlib.nullcontext()
+    with decode_step_mode(decoding), batch_invariant_mode(invariant), prefill_mode:
         return str(jax.make_jaxpr(lambda *a: fn(*a))(*operands_))
 
 
@@ -155,6 +174,25 @@ def test_decode_steps_use_the_kernel_in_both_modes_and_nothing_else_does():
     # A forward or prefill (the path that is differentiated) keeps XLA's experts.
     assert "qwen_jax_grouped_matmul" not in traced(moe.auto_expert_ffn, operands_, decoding=False)
     assert "qwen_jax_grouped_matmul" not in traced(moe.invariant_expert_ffn, operands_, False, invariant=True)
+
+
+def test_fp32_prefills_use_the_kernel_in_both_modes_and_bf16_prefills_do_not():
+    for invariant, ffn in ((False, moe.auto_expert_ffn), (True, moe.invariant_expert_ffn)):
+        fp32, bf16 = expert_operands(), expert_operands(jnp.bfloat16)
+        assert "qwen_jax_grouped_matmul" in traced(ffn, fp32, False, invariant, prefill=True)
+        assert "qwen_jax_grouped_matmul" not in traced(ffn, bf16, False, invariant, prefill=True)
+
+
+def test_generates_prefill_uses_the_kernel_and_forward_does_not(tiny_checkpoints):
+    import qwen_jax
+    from qwen_jax.generate import _prefill
+
+    model = qwen_jax.load_hf(str(tiny_checkpoints("hv2hk_top2of8")), "float32")
+    graphdef, params = nnx.split(model)
+    ids = np.arange(1, 9, dtype=np.int32)[None]
+    prefill = _prefill.lower(graphdef, params, ids, np.ones_like(ids), 16, "auto", False).as_text()
+    assert "qwen_jax_grouped_matmul" in prefill
+    assert "qwen_jax_grouped_matmul" not in jax.jit(lambda i: qwen_jax.forward(model, i)).lower(ids).as_text()
 
 
 def test_switched_off_by_the_environment(monkeypatch):

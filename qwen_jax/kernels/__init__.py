@@ -13,12 +13,15 @@ The source is compiled on first use with the C++ compiler (``$CXX``, else ``g++`
 under ``$QWEN_JAX_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/qwen_jax/kernels`` or ``~/.cache/qwen_jax/kernels``),
 named by a hash of the source, the flags, the compiler, jaxlib's version and the CPU (``-march=native`` code runs
 only where it was built). A build is written to a temporary file and renamed, so concurrent processes can race.
-``QWEN_JAX_CPU_KERNELS=0`` switches the kernels off; without a compiler, or if the build fails, the callers keep
+A prefill (``qwen_jax.generate``'s, traced in :func:`prefill_mode`: a program never differentiated) may use
+them too (:func:`for_prefill`); a forward keeps XLA's differentiable paths. ``QWEN_JAX_CPU_KERNELS=0`` switches the kernels off; without a compiler, or if the build fails, the callers keep
 their XLA path and one warning says why.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -28,6 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -138,6 +142,26 @@ def for_decode_step() -> bool:
     """Whether the code being traced uses the native kernels: a decode step (the kernels have no derivative, and a
     forward or prefill keeps XLA's path) with :func:`enabled` true."""
     return in_decode_step() and enabled()
+
+
+_PREFILL = contextvars.ContextVar("qwen_jax_prefill", default=False)
+
+
+@contextlib.contextmanager
+def prefill_mode() -> Iterator[None]:
+    """Traces the enclosed code as a prefill: a program that is never differentiated (``qwen_jax.generate``'s), so
+    the kernels may compute its many-row products (:func:`for_prefill`)."""
+    token = _PREFILL.set(True)
+    try:
+        yield
+    finally:
+        _PREFILL.reset(token)
+
+
+def for_prefill() -> bool:
+    """Whether the code being traced is a prefill (:func:`prefill_mode`) with :func:`enabled` true: the kernels may
+    serve it where they are faster (the caller decides where)."""
+    return _PREFILL.get() and enabled()
 
 
 def grouped_matmul(x: jax.Array, group_sizes: jax.Array, weights: jax.Array) -> jax.Array:
