@@ -149,7 +149,11 @@ def prefill_in_segments(graphdef, params, input_ids, attention_mask, max_length,
     [B, vocab], the decode state)."""
     input_ids, attention_mask = np.asarray(input_ids), np.asarray(attention_mask)
     positions = np.asarray(default_positions(attention_mask))
-    cache = _empty_state(graphdef, params, input_ids.shape[0], max_length)
+    # committed where it lies, as the segments' outputs are (else the second segment would compile again)
+    cache = jax.tree.map(
+        lambda a: jax.device_put(a, a.sharding),
+        _empty_state(graphdef, params, *input_ids.shape[:1], max_length),
+    )
     length = input_ids.shape[1]
     starts = ([0] if length % segment else []) + list(range(length % segment, length, segment))
     for start, stop in zip(starts, [*starts[1:], length], strict=True):
