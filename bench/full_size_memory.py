@@ -11,7 +11,9 @@ machine inflate less). Programs:
 - ``forward_2048``: :func:`qwen_jax.forward` on [1, 2048] (full logits);
 - ``prefill_2048``, ``prefill_4096``, ``prefill_32768``: the generate prefill of one row (last-token logits, fills
   the decode state of 2048 / 4096 / 32768 + 256 slots); a prompt longer than ``--prefill-segment`` tokens (default
-  ``qwen_jax.generate.PREFILL_SEGMENT``, 4096) runs in segments of that many, each continuing the decode state;
+  ``qwen_jax.generate.PREFILL_SEGMENT``, 4096) runs in segments of that many, each continuing the decode state,
+  one compiled program run from Python per segment (``qwen_jax.generate._prefill_continued``): for it the figures
+  are that program's;
 - ``decode_b1``, ``decode_b8``: the decode loop (``lax.while_loop`` over steps) for batch 1 and 8, 2048 + 256 slots.
 
 ``--mesh 8`` compiles under an 8-device ``ep`` mesh (experts split, :mod:`qwen_jax.sharding`); on a CPU it fakes the
@@ -78,10 +80,18 @@ def compile_program(name: str, cfg, mesh, prefill_segment: int | None = None):
         ids = placed(jax.ShapeDtypeStruct((1, length), jnp.int32), replicated)
         if kind == "forward":
             lowered = _forward_jit.lower(graphdef, params, ids, ids, ids, "auto", False)
-        else:
-            segment = prefill_segment or generate.PREFILL_SEGMENT
+        elif length <= (segment := prefill_segment or generate.PREFILL_SEGMENT):
             lowered = generate._prefill.lower(
-                graphdef, params, ids, ids, length + DECODE_SLACK, "auto", False, segment
+                graphdef, params, ids, ids, length + DECODE_SLACK, "auto", False
+            )
+        else:  # the program every segment runs (the lengths here are whole segments), continuing the state
+            if length % segment:
+                raise SystemExit(f"{name}: the bench's long prefills are whole segments of {segment} tokens")
+            window = placed(jax.ShapeDtypeStruct((1, segment), jnp.int32), replicated)
+            state = jax.eval_shape(lambda: init_decode_state(cfg, 1, length + DECODE_SLACK, jnp.bfloat16))
+            state = placed(state, replicated)
+            lowered = generate._prefill_continued.lower(
+                graphdef, params, window, window, window, state, "auto"
             )
     else:
         batch = int(size[1:])

@@ -21,7 +21,7 @@ from flax import nnx
 
 from qwen_jax.attention import KEY_BLOCK, attend, blockwise_attend
 from qwen_jax.cache import KVCache
-from qwen_jax.generate import _prefill, generate, left_pad
+from qwen_jax.generate import _prefill, _prefill_continued, generate, left_pad, prefill
 from qwen_jax.model import default_positions
 
 hf_reference = pytest.importorskip("hf_reference")
@@ -83,8 +83,8 @@ def test_fp32_segmented_prefill_matches_one_shot_and_hf(ckpt, segment):
     ids, mask = long_prompts([700, 150])  # 704 tokens: one 64- or 192-token segment, then whole ones
     graphdef, params = nnx.split(model)
     max_length = ids.shape[1] + 256
-    one_shot = _prefill(graphdef, params, ids, mask, max_length, "auto", False, 1024)
-    segmented = _prefill(graphdef, params, ids, mask, max_length, "auto", False, segment)
+    one_shot = prefill(graphdef, params, ids, mask, max_length, "auto", False, 1024)
+    segmented = prefill(graphdef, params, ids, mask, max_length, "auto", False, segment)
     ref = hf_last_logits(hf, ids, mask)
     np.testing.assert_allclose(np.asarray(segmented[0]), ref, rtol=0, atol=FP32_ATOL)
     np.testing.assert_allclose(np.asarray(segmented[0]), np.asarray(one_shot[0]), rtol=0, atol=FP32_ATOL)
@@ -98,9 +98,10 @@ def test_fp32_segmented_prefill_matches_one_shot_and_hf(ckpt, segment):
 
 def test_fp32_greedy_after_a_segmented_prefill_is_token_identical_to_hf(ckpt):
     """Through ``generate``: a 384-token batch in three 128-token segments (the short row's padding fills the
-    first two), the first token's logits within the fp32 parity bound of HF's, and every greedy token HF's."""
+    first two; one program for all three), the first token's logits within the fp32 parity bound of HF's, and every greedy token HF's."""
     hf, model = models(ckpt, "float32")
     ids, mask = long_prompts([380, 100], seed=1)
+    before = (_prefill._cache_size(), _prefill_continued._cache_size())
     ours = generate(
         model,
         ids,
@@ -110,6 +111,8 @@ def test_fp32_greedy_after_a_segmented_prefill_is_token_identical_to_hf(ckpt):
         return_logits=True,
         prefill_segment=128,
     )
+    # the three segments run one compiled program, from Python (not a loop inside one program)
+    assert _prefill._cache_size() == before[0] and _prefill_continued._cache_size() <= before[1] + 1
     tokens, first_logits = hf_greedy(hf, ids, mask, NEW_TOKENS, first_logits=True)
     np.testing.assert_allclose(ours.logits[:, 0], first_logits, rtol=0, atol=FP32_ATOL)
     np.testing.assert_array_equal(ours.tokens, tokens)
@@ -125,9 +128,9 @@ def test_bf16_segmented_prefill_no_further_from_hf_bf16_than_hf_bf16_from_fp32(c
     graphdef, params = nnx.split(model)
     max_length = ids.shape[1] + 256
     one_shot = np.asarray(
-        _prefill(graphdef, params, ids, mask, max_length, "auto", False, 1024)[0], np.float64
+        prefill(graphdef, params, ids, mask, max_length, "auto", False, 1024)[0], np.float64
     )
-    ours = np.asarray(_prefill(graphdef, params, ids, mask, max_length, "auto", False, 128)[0], np.float64)
+    ours = np.asarray(prefill(graphdef, params, ids, mask, max_length, "auto", False, 128)[0], np.float64)
     ref16 = hf_last_logits(hf16, ids, mask)
     budget = np.abs(ref16 - hf_last_logits(hf32, ids, mask)).max()
     assert np.abs(ours - ref16).max() <= 2 * budget
