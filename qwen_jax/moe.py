@@ -263,8 +263,9 @@ def uses_kernel(gate_up: jax.Array) -> bool:
 
 
 def auto_expert_ffn(x_sorted, group_sizes, gate_up, down):
-    """The native kernel in a CPU decode step or fp32 prefill (:func:`uses_kernel`); otherwise per-row gathers for a few rows (batch-1 decode), else
-    ``ragged_dot`` on accelerators and blocks on the CPU (small blocks in a decode step)."""
+    """The native kernel in a CPU decode step or fp32 prefill (:func:`uses_kernel`); otherwise per-row gathers for
+    a few rows (batch-1 decode), else ``ragged_dot`` on accelerators and blocks on the CPU (small blocks in a decode
+    step)."""
     if uses_kernel(gate_up):
         return kernel_expert_ffn(x_sorted, group_sizes, gate_up, down)
     if x_sorted.shape[0] <= GATHER_MAX_ROWS:

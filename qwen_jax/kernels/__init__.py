@@ -14,8 +14,9 @@ under ``$QWEN_JAX_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/qwen_jax/kernels`` o
 named by a hash of the source, the flags, the compiler, jaxlib's version and the CPU (``-march=native`` code runs
 only where it was built). A build is written to a temporary file and renamed, so concurrent processes can race.
 A prefill (``qwen_jax.generate``'s, traced in :func:`prefill_mode`: a program never differentiated) may use
-them too (:func:`for_prefill`); a forward keeps XLA's differentiable paths. ``QWEN_JAX_CPU_KERNELS=0`` switches the kernels off; without a compiler, or if the build fails, the callers keep
-their XLA path and one warning says why.
+them too (:func:`for_prefill`); a forward keeps XLA's differentiable paths. ``QWEN_JAX_CPU_KERNELS=0`` switches
+the kernels off; without a compiler, or if the build fails, the callers keep their XLA path and one warning says
+why.
 """
 
 from __future__ import annotations
