@@ -55,6 +55,12 @@ import time
 from pathlib import Path
 
 import paired
+import roofline
+
+#: The bandwidth probe's buffer (``roofline.bandwidth_probe``: one thread per core): 256 MiB, about twice the bytes
+#: a decode step of the bench model reads in fp32. This machine reports a 480 MiB L3, so the probe and the model's
+#: per-step weights both read partly from the cache.
+PROBE_BYTES = 1 << 28
 
 BENCH_CONFIG = dict(
     vocab_size=32000, hidden_size=512, num_hidden_layers=8,
@@ -141,8 +147,9 @@ def run_jax(path: str, n_prompt: int, n_new: int, dtype: str, repeats: int, agre
     generate(prompts[:1], n_new)
     compile_s = time.perf_counter() - t
     peak_rss = peak_rss_mb()  # the model's own peak, before the bandwidth probe allocates its array
-    timing = paired.timed_pairs(  # the read bandwidth measured right before each (prefill, decode) pair
-        lambda n: generate(prompts[:1], n).tokens[0].tolist(), n_new - 1, repeats, bandwidth_probe()
+    probe = roofline.bandwidth_probe(PROBE_BYTES)
+    timing = paired.timed_pairs(  # the read bandwidth (GB/s) measured right before each (prefill, decode) pair
+        lambda n: generate(prompts[:1], n).tokens[0].tolist(), n_new - 1, repeats, lambda: probe() / 1e9
     )
     tokens, logits = [], []
     for row in range(agree):
@@ -150,52 +157,7 @@ def run_jax(path: str, n_prompt: int, n_new: int, dtype: str, repeats: int, agre
         tokens.append(kept.tokens[0].tolist())
         logits.append(np.asarray(kept.logits[0], np.float32))
     out.put(dict(**timing, agree_tokens=tokens, agree_logits=logits, compile_s=compile_s, peak_rss_mb=peak_rss,
-                 devices=str(jax.devices())))  # fmt: skip
-
-
-def bandwidth_probe(n_bytes: int = 1 << 28):
-    """A function that measures the read bandwidth in GB/s: a jitted sum over an fp32 array 8x this machine's L3
-    (a read-only stream), best of 5 passes."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((n_bytes // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-
-    def measure() -> float:
-        best = float("inf")
-        for _ in range(5):
-            t = time.perf_counter()
-            total(x).block_until_ready()
-            best = min(best, time.perf_counter() - t)
-        return n_bytes / best / 1e9
-
-    return measure
-
-
-def decode_step_bytes(bytes_per_param: int) -> int:
-    c = BENCH_CONFIG
-    h, layers = c["hidden_size"], c["layer_types"]
-    kd = c["linear_num_key_heads"] * c["linear_key_head_dim"]
-    vd = c["linear_num_value_heads"] * c["linear_value_head_dim"]
-    hv, kernel = c["linear_num_value_heads"], c["linear_conv_kernel_dim"]
-    deltanet = (
-        h * (2 * kd + vd) + (2 * kd + vd) * kernel + h * vd + 2 * h * hv + 2 * hv + c["linear_value_head_dim"]
-    )
-    deltanet += vd * h
-    nq, nkv, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
-    attention = h * nq * d * 2 + 2 * h * nkv * d + nq * d * h + 2 * d
-    expert = 3 * h * c["moe_intermediate_size"]
-    moe = (
-        h * c["num_experts"]
-        + c["num_experts_per_tok"] * expert
-        + 3 * h * c["shared_expert_intermediate_size"]
-        + h
-    )
-    per_layer = [moe + 2 * h + (deltanet if t == "linear_attention" else attention) for t in layers]
-    params = h + sum(per_layer) + h + c["vocab_size"] * h  # embedding row, layers, final norm, lm_head
-    return params * bytes_per_param
+                 decode_step_bytes=roofline.model_decode_step_bytes(model), devices=str(jax.devices())))  # fmt: skip
 
 
 def in_subprocess(target, *args) -> dict:
@@ -216,10 +178,10 @@ def in_subprocess(target, *args) -> dict:
     return result
 
 
-def roofline(dtype: str, jax_runs: list[dict], decode_steps: int) -> dict:
-    """JAX decode speed against the memory-bandwidth roofline: each decode run against the bandwidth measured just
-    before it (median over the runs), and the bandwidths' spread."""
-    step_bytes = decode_step_bytes(4 if dtype == "float32" else 2)
+def decode_roofline(jax_runs: list[dict], decode_steps: int) -> dict:
+    """JAX decode speed against the memory-bandwidth roofline (``roofline.py``: the bytes a step reads): each decode
+    run against the bandwidth measured just before it (median over the runs), and the bandwidths' spread."""
+    step_bytes = jax_runs[0]["decode_step_bytes"]
     runs = [(d, b) for r in jax_runs for d, b in zip(r["decode_s"], r["before_each"], strict=True)]
     bandwidths = [b for _, b in runs]
     fractions = [decode_steps / d / (b * 1e9 / step_bytes) for d, b in runs]
@@ -246,7 +208,7 @@ def compare(path: str, dtype: str, args, reference_fp32: dict | None) -> dict:
         rounds.append(sides)
     hf, jx = rounds[0]["hf"], rounds[0]["jax"]
     speed = paired.summarise_speeds(rounds, n_prompt, steps)
-    roof = roofline(dtype, [r["jax"] for r in rounds], steps)
+    roof = decode_roofline([r["jax"] for r in rounds], steps)
     hf_roof = speed["decode_tokens_per_s"]["hf"] / roof["roofline_tokens_per_s"]
     results = dict(
         config=BENCH_CONFIG, dtype=dtype, prompt=n_prompt, new_tokens=n_new, rounds=args.rounds, repeats=args.repeats,

@@ -1,6 +1,9 @@
 """The JAX prefill on ``decode_vs_hf.py``'s config: this tree against another git revision, paired.
 
     python bench/prefill_against.py REV [--dtype both] [--rounds 3] [--repeats 5] [--prompt 512] [--batch 1]
+                                        [--checkpoint DIR]
+
+``--checkpoint`` times another HF checkpoint instead (e.g. ``bench/real_width.py``'s cached real-width one).
 
 REV's ``qwen_jax`` (``git archive``) and this tree's each run in their own subprocess, alternating REV, tree x
 ``--rounds``; each compiles and warms up the prefill (``qwen_jax.generate._prefill``, as ``profile_by_scope.py``
@@ -97,6 +100,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--checkpoint", type=Path, help="an HF checkpoint dir (default: the bench config's)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--logits", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -115,10 +119,15 @@ def main() -> int:
         rev_root = tmp / "rev"
         rev_root.mkdir()
         subprocess.run(["tar", "-x", "-C", str(rev_root)], input=archive.stdout, check=True)
-        build_checkpoint(tmp / "checkpoint")
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            checkpoint = tmp / "checkpoint"
+            build_checkpoint(checkpoint)
+        elif not (checkpoint / "config.json").is_file():
+            raise SystemExit(f"--checkpoint {checkpoint}: no config.json there")
         dtypes = ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)
         for dtype in dtypes:
-            result = compare(rev_root, args, str(tmp / "checkpoint"), dtype, tmp)
+            result = compare(rev_root, args, str(checkpoint), dtype, tmp)
             ms = result["median_ms"]
             print(
                 f"{dtype} prefill [{args.batch}, {args.prompt}]: {args.rev} {ms['rev']:.0f} ms, this tree "
