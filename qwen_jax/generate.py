@@ -93,7 +93,7 @@ def _prefill(graphdef, params, input_ids, attention_mask, max_length, moe_backen
     model = nnx.merge(graphdef, params)
     cache = init_decode_state(model.cfg, input_ids.shape[0], max_length, model.dtype)
     positions = default_positions(attention_mask)
-    with batch_invariant_mode(batch_invariant), kernels.prefill_mode():
+    with batch_invariant_mode(batch_invariant):
         return prefill_segment(model, input_ids, attention_mask, positions, cache, moe_backend)
 
 
@@ -117,10 +117,12 @@ def prefill(
 
 def prefill_segment(model, input_ids, attention_mask, positions, cache: DecodeState, moe_backend: str):
     """One prefill call on ``input_ids`` [B, L] (all arrays [B, L]) that continues ``cache``: (the last position's
-    logits [B, vocab], the extended cache)."""
-    logits, _, _, cache, _ = run_decoder(
-        model, input_ids, attention_mask, positions, moe_backend, cache, last_only=True, prefill=True
-    )
+    logits [B, vocab], the extended cache). Traced in the kernels' prefill mode (a prefill is never differentiated,
+    :func:`qwen_jax.kernels.prefill_mode`)."""
+    with kernels.prefill_mode():
+        logits, _, _, cache, _ = run_decoder(
+            model, input_ids, attention_mask, positions, moe_backend, cache, last_only=True, prefill=True
+        )
     return logits[:, -1], cache
 
 
@@ -134,9 +136,8 @@ def _empty_state(graphdef, params, batch: int, max_length: int) -> DecodeState:
 @functools.partial(jax.jit, static_argnames=("graphdef", "moe_backend"), donate_argnames=("cache",))
 def _prefill_continued(graphdef, params, input_ids, attention_mask, positions, cache, moe_backend):
     """:func:`prefill_segment` as its own program: the decode state is donated (extended in place)."""
-    with kernels.prefill_mode():
-        model = nnx.merge(graphdef, params)
-        return prefill_segment(model, input_ids, attention_mask, positions, cache, moe_backend)
+    model = nnx.merge(graphdef, params)
+    return prefill_segment(model, input_ids, attention_mask, positions, cache, moe_backend)
 
 
 def prefill_in_segments(graphdef, params, input_ids, attention_mask, max_length, moe_backend, segment):
@@ -145,8 +146,8 @@ def prefill_in_segments(graphdef, params, input_ids, attention_mask, max_length,
     first ``L % segment`` tokens if any, then one per whole segment, all of these the same compiled program
     (:func:`_prefill_continued`, the state donated). Segments run from Python, not in a ``lax.fori_loop``: a loop
     whose body is the whole model carries every weight through it, and at full size on an 8-device mesh that
-    program compiled in 30 s, one segment's program in 19 s (README "Memory at full size"). Returns (the last segment's last-position logits
-    [B, vocab], the decode state)."""
+    program compiled in 30 s, one segment's program in 19 s (README "Memory at full size"). Returns (the last
+    segment's last-position logits [B, vocab], the decode state)."""
     input_ids, attention_mask = np.asarray(input_ids), np.asarray(attention_mask)
     positions = np.asarray(default_positions(attention_mask))
     # committed where it lies, as the segments' outputs are (else the second segment would compile again)

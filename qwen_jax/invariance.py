@@ -127,6 +127,21 @@ def opaque_map(fn: Callable, xs) -> object:
     return jax.lax.fori_loop(0, count, body, empty)
 
 
+def row_tiles(a: jax.Array, lead_dims: int, size: int) -> jax.Array:
+    """``a`` with its first ``lead_dims`` dimensions flattened into rows and zero-padded to whole tiles of ``size``
+    rows: [tiles, size, ...] (undone by :func:`untiled_rows`)."""
+    rows = math.prod(a.shape[:lead_dims])
+    flat = a.reshape(rows, *a.shape[lead_dims:])
+    flat = jnp.pad(flat, [(0, -rows % size)] + [(0, 0)] * (flat.ndim - 1))
+    return flat.reshape(-1, size, *flat.shape[1:])
+
+
+def untiled_rows(out, rows: int):
+    """A pytree of per-tile outputs [tiles, size, ...] back to its first ``rows`` rows [rows, ...] (the padding
+    :func:`row_tiles` added dropped)."""
+    return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:])[:rows], out)
+
+
 def map_row_tiles(fn: Callable, *arrays: jax.Array) -> object:
     """``fn(*arrays)`` for a per-row ``fn``, computed on fixed tiles of :data:`ROW_TILE` rows.
 
@@ -136,20 +151,13 @@ def map_row_tiles(fn: Callable, *arrays: jax.Array) -> object:
     result has the arrays' leading dimensions back. Inside a tile the mode is off: the tile is already fixed-shape.
     """
     lead = arrays[0].shape[:-1]
-    rows = math.prod(lead)
-    pad = -rows % ROW_TILE
-
-    def tiles(a: jax.Array) -> jax.Array:
-        flat = a.reshape(rows, *a.shape[len(lead) :])
-        flat = jnp.pad(flat, [(0, pad)] + [(0, 0)] * (flat.ndim - 1))
-        return flat.reshape(-1, ROW_TILE, *flat.shape[1:])
 
     def one_tile(operands):
         with batch_invariant_mode(False):
             return isolated(fn, *operands)
 
-    out = opaque_map(one_tile, tuple(tiles(a) for a in arrays))
-    return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:])[:rows].reshape(*lead, *o.shape[2:]), out)
+    out = opaque_map(one_tile, tuple(row_tiles(a, len(lead), ROW_TILE) for a in arrays))
+    return jax.tree.map(lambda o: o.reshape(*lead, *o.shape[1:]), untiled_rows(out, math.prod(lead)))
 
 
 def map_rows(fn: Callable, *arrays: jax.Array) -> object:

@@ -27,6 +27,8 @@ from qwen_jax.invariance import (
     check_right_padded,
     decode_step_mode,
     fence,
+    row_tiles,
+    untiled_rows,
 )
 from qwen_jax.moe import Routing, SparseMoe, router_logits
 from qwen_jax.norms import RMSNorm
@@ -120,11 +122,8 @@ MOE_CHUNK = 4096
 def map_row_chunks(fn, x: jax.Array, chunk: int):
     """``fn`` over the flattened rows of ``x`` [..., width], ``chunk`` rows at a time (``lax.map``; the last chunk
     zero-padded): its outputs with their leading axis the ``x.shape[:-1]`` rows, flattened."""
-    n_rows, width = math.prod(x.shape[:-1]), x.shape[-1]
-    pad = -n_rows % chunk
-    chunks = jnp.pad(x.reshape(n_rows, width), ((0, pad), (0, 0))).reshape(-1, chunk, width)
-    out = jax.lax.map(fn, chunks)
-    return jax.tree.map(lambda r: r.reshape(-1, *r.shape[2:])[:n_rows], out)
+    out = jax.lax.map(fn, row_tiles(x, x.ndim - 1, chunk))
+    return untiled_rows(out, math.prod(x.shape[:-1]))
 
 
 def moe_in_chunks(moe: SparseMoe, x: jax.Array, backend: str) -> tuple[jax.Array, Routing]:
