@@ -55,7 +55,8 @@ _DECODE_STEP = contextvars.ContextVar("qwen_jax_decode_step", default=False)
 
 
 @contextlib.contextmanager
-def _tracing_with(switch: contextvars.ContextVar, value: bool) -> Iterator[None]:
+def tracing_with(switch: contextvars.ContextVar, value: bool) -> Iterator[None]:
+    """Traces the enclosed code with the mode ``switch`` (a context variable read while tracing) set to ``value``."""
     token = switch.set(value)
     try:
         yield
@@ -65,7 +66,7 @@ def _tracing_with(switch: contextvars.ContextVar, value: bool) -> Iterator[None]
 
 def batch_invariant_mode(enabled: bool = True) -> contextlib.AbstractContextManager:
     """Traces the enclosed code in the batch-invariant mode (or, with ``enabled=False``, in the default one)."""
-    return _tracing_with(_MODE, enabled)
+    return tracing_with(_MODE, enabled)
 
 
 def batch_invariant() -> bool:
@@ -76,7 +77,7 @@ def batch_invariant() -> bool:
 def decode_step_mode(decoding: bool) -> contextlib.AbstractContextManager:
     """Traces the enclosed code as a decode step (one new token per row, read against a state) or not (a forward
     or a prefill). A program is one or the other whatever its batch, so a block may choose its tiling by it."""
-    return _tracing_with(_DECODE_STEP, decoding)
+    return tracing_with(_DECODE_STEP, decoding)
 
 
 def in_decode_step() -> bool:

@@ -1,4 +1,4 @@
-"""Native CPU kernels, called from JAX as XLA FFI custom calls: the routed experts' grouped matmul of a decode step.
+"""Native CPU kernels, called from JAX as XLA FFI custom calls: a grouped matmul for decode steps and prefills.
 
 XLA:CPU copies an expert's weights out of the stacked [E, in, out] tensor before a dot can read them (a dynamic
 slice, a static slice or a gather alike), and in a decode step those copies cost more than the matmuls.
@@ -32,14 +32,13 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import jaxlib
 
-from qwen_jax.invariance import in_decode_step
+from qwen_jax.invariance import in_decode_step, tracing_with
 
 #: Set to ``0`` to keep the XLA paths (no build, no custom call).
 ENV_SWITCH = "QWEN_JAX_CPU_KERNELS"
@@ -148,15 +147,10 @@ def for_decode_step() -> bool:
 _PREFILL = contextvars.ContextVar("qwen_jax_prefill", default=False)
 
 
-@contextlib.contextmanager
-def prefill_mode() -> Iterator[None]:
+def prefill_mode() -> contextlib.AbstractContextManager:
     """Traces the enclosed code as a prefill: a program that is never differentiated (``qwen_jax.generate``'s), so
     the kernels may compute its many-row products (:func:`for_prefill`)."""
-    token = _PREFILL.set(True)
-    try:
-        yield
-    finally:
-        _PREFILL.reset(token)
+    return tracing_with(_PREFILL, True)
 
 
 def for_prefill() -> bool:
