@@ -44,13 +44,31 @@ def router_logits(x: jax.Array, router: jax.Array) -> jax.Array:
 
 def route(x: jax.Array, router: jax.Array, top_k: int) -> Routing:
     """Router logits in the activation dtype, softmax in fp32, top-k, renormalise, round to the activation dtype.
-    (On fixed row tiles in the batch-invariant mode.)"""
-    if batch_invariant():
+    (On fixed row tiles in the batch-invariant mode; in a CPU decode step there, the logits come from the native
+    kernel for all rows at once, :func:`kernel_products_whole`, and only the softmax and top-k run on tiles.)"""
+    if batch_invariant() and not kernel_products_whole():
         return map_row_tiles(lambda rows: route(rows, router, top_k), x)
-    probs = jax.nn.softmax(router_logits(x, router).astype(F32), axis=-1)
+    return routing_of(router_logits(x, router), top_k)
+
+
+def routing_of(logits: jax.Array, top_k: int) -> Routing:
+    """The routing of router ``logits`` [N, E] (activation dtype): fp32 softmax, top-k, renormalised weights
+    rounded to the logits' dtype. (On fixed row tiles in the batch-invariant mode: a softmax sums over a row.)"""
+    if batch_invariant():
+        return map_row_tiles(lambda rows: routing_of(rows, top_k), logits)
+    probs = jax.nn.softmax(logits.astype(F32), axis=-1)
     top_probs, experts = jax.lax.top_k(probs, top_k)
     weights = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
-    return Routing(weights.astype(x.dtype), experts.astype(jnp.int32), probs)
+    return Routing(weights.astype(logits.dtype), experts.astype(jnp.int32), probs)
+
+
+def kernel_products_whole() -> bool:
+    """Whether the per-token products being traced (``ops.dense``: the router, the shared expert) run in the native
+    kernel on all rows at once, in the batch-invariant mode: a CPU decode step (``kernels.for_decode_step``). Then
+    they need no row tiles of their own; per-row reductions (softmax, the slot sum) still do. Measured on the
+    bench config, batch 16, fp32 (2026-12-02): XLA's 16-row tiles of the router and shared expert took 12.9 ms of
+    a 48 ms invariant decode step (XNNPACK packs the weights again at every call)."""
+    return batch_invariant() and kernels.for_decode_step()
 
 
 def _split_gate_up(h: jax.Array) -> jax.Array:
@@ -425,16 +443,28 @@ class SparseMoe(nnx.Module):
     def combine(self, x: jax.Array, outputs: jax.Array, routing: Routing) -> jax.Array:
         """The weighted slot outputs plus the shared expert's, per token. In the batch-invariant mode on row tiles:
         otherwise XLA fuses the slot sum with whatever produced the outputs (an expert-parallel psum, or not), and
-        rounds it differently (measured: 3e-8 per layer)."""
+        rounds it differently (measured: 3e-8 per layer). The shared expert's products run in the tiles too, except
+        where :func:`kernel_products_whole` (then before them, on all rows)."""
         if batch_invariant():
+            shared = self.shared_expert(x) if kernel_products_whole() else None
             return map_row_tiles(
-                lambda rows, out, weights, experts: self.combine(rows, out, Routing(weights, experts, None)),
+                lambda rows, out, weights, experts, *shared: self.combine_with(
+                    rows, out, Routing(weights, experts, None), *shared
+                ),
                 x,
                 outputs,
                 routing.weights,
                 routing.experts,
+                *(() if shared is None else (shared,)),
             )
-        return (combine_slots(outputs, routing) + self.shared_expert(x)).astype(x.dtype)
+        return self.combine_with(x, outputs, routing)
+
+    def combine_with(
+        self, x: jax.Array, outputs: jax.Array, routing: Routing, shared: jax.Array | None = None
+    ) -> jax.Array:
+        """:meth:`combine` on one set of rows, with the shared expert's output ``shared`` if already computed."""
+        shared = self.shared_expert(x) if shared is None else shared
+        return (combine_slots(outputs, routing) + shared).astype(x.dtype)
 
     def expert_outputs(self, x: jax.Array, experts: jax.Array, backend: str = "auto") -> jax.Array:
         """Each (token, slot)'s routed expert output before the weighted combine: x [N, hidden], experts [N, k] ->
