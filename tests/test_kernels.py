@@ -377,8 +377,8 @@ def test_delta_rule_step_bad_shapes_and_dtypes_are_one_clear_error():
 
 def test_an_invariant_decode_step_runs_the_delta_rule_in_the_kernel(tiny_checkpoints, monkeypatch):
     """In the batch-invariant mode a decode step's DeltaNet runs the kernel on all rows at once: the program has its
-    custom call and no longer the per-row loop (no value of one row's [1, H, dk, dv] state); the default mode's decode step
-    and the kernels switched off keep XLA's step."""
+    custom call and no longer the per-row loop (no value of one row's [1, H, dk, dv] state); the default mode's
+    decode step and the kernels switched off keep XLA's step."""
     import qwen_jax
     from qwen_jax.generate import _prefill, decode_step
 

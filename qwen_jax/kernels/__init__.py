@@ -1,4 +1,5 @@
-"""Native CPU kernels, called from JAX as XLA FFI custom calls: a grouped matmul for decode steps and prefills.
+"""Native CPU kernels, called from JAX as XLA FFI custom calls: a grouped matmul for decode steps and prefills, and
+the delta rule's one-token step for the batch-invariant mode's decode steps.
 
 XLA:CPU copies an expert's weights out of the stacked [E, in, out] tensor before a dot can read them (a dynamic
 slice, a static slice or a gather alike), and in a decode step those copies cost more than the matmuls.
@@ -9,10 +10,18 @@ A call's work (experts x column chunks) is shared with a persistent pool of work
 which thread computes an element changes none of its bits. In the batch-invariant mode a decode step's dense
 products (``ops.dense``: projections, lm_head) run through it too, all rows at once.
 
-The source is compiled on first use with the C++ compiler (``$CXX``, else ``g++``) into a shared library cached
+:func:`delta_rule_step` (``delta_rule.cc``) is the Gated DeltaNet's one-token update in the batch-invariant mode's
+decode steps, all rows at once, instead of XLA's per-row loop: each (row, head) by the same chains of fused
+multiply-adds over the key dimension in order (batch-invariant by construction), heads shared over the same pool,
+the state updated in place (its buffer aliased: the decode loop's donated cache is not copied). Measured under
+load at batch 16 on the bench config (8 heads of 64 x 64, one layer): 0.10 ms against 0.73-0.87 ms for the per-row
+loop; at 32 heads of 128 x 128, 1.5-1.7 ms against 27 ms; the invariant decode loop 26.9 ms a step against 32.0.
+
+The sources are compiled on first use with the C++ compiler (``$CXX``, else ``g++``) into one shared library cached
 under ``$QWEN_JAX_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/qwen_jax/kernels`` or ``~/.cache/qwen_jax/kernels``),
-named by a hash of the source, the flags, the compiler, jaxlib's version and the CPU (``-march=native`` code runs
-only where it was built). A build is written to a temporary file and renamed, so concurrent processes can race.
+named by a hash of the sources and headers, the flags, the compiler, jaxlib's version and the CPU
+(``-march=native`` code runs only where it was built). A build is written to a temporary file and renamed, so
+concurrent processes can race.
 A prefill (``qwen_jax.generate``'s, traced in :func:`prefill_mode`: a program never differentiated) may use
 them too (:func:`for_prefill`); a forward keeps XLA's differentiable paths. ``QWEN_JAX_CPU_KERNELS=0`` switches
 the kernels off; without a compiler, or if the build fails, the callers keep their XLA path and one warning says
