@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwen_jax import kernels
 from qwen_jax.cache import DeltaNetState, TokenContext
 from qwen_jax.config import ModelConfig
 from qwen_jax.delta_rule import chunked_delta_rule, delta_rule_step
@@ -129,7 +130,10 @@ class GatedDeltaNet(nnx.Module):
             q, k, v, g, beta = zero_padded((q, k, v, g, beta), pad_mask)
             new_history = history_at_lengths(qkv, conv_history, jnp.sum(pad_mask > 0, axis=1))
         delta_rule = delta_rule_step if step else chunked_delta_rule
-        if batch_invariant():
+        # An invariant CPU decode step: the native kernel, all rows at once (invariant by construction).
+        if batch_invariant() and step and kernels.for_decode_step():
+            out, state = kernels.delta_rule_step(q, k, v, g, beta, state)
+        elif batch_invariant():
             out, state = map_rows(delta_rule, q, k, v, g, beta, *(() if state is None else (state,)))
         else:
             out, state = delta_rule(q, k, v, g, beta, state)

@@ -22,7 +22,9 @@ sum over a row's features runs on a fixed shape:
   bucket; padded positions are zeroed before the delta rule, so they leave its state unchanged, and each row's
   conv history is taken at its own length. The delta rule runs one row at a time (:func:`map_rows`): its small
   batched matmuls, on XLA:CPU, round differently with the batch count (measured: the chunked form's output at
-  B = 2 differs from B = 1 by 6e-8), though not with the number of chunks.
+  B = 2 differs from B = 1 by 6e-8), though not with the number of chunks; a CPU decode step runs its one-token
+  step in the native kernel instead (``qwen_jax.kernels.delta_rule_step``), all rows at once, invariant by
+  construction (measured: 0.10 ms a layer against 0.8 ms for the per-row loop at batch 16 on the bench config).
 
 :func:`batch_invariant_mode` switches the mode on while a program is traced (``forward``, ``generate`` and
 ``stream_generate`` do so for ``batch_invariant=True``); the blocks ask :func:`batch_invariant`. The default mode

@@ -288,3 +288,121 @@ def test_a_large_product_split_over_threads_gives_the_bits_of_a_small_one(dtype)
     for start in (0, 8192, 3 * 8192 - 100):  # where a thread's columns begin or end, and the last columns
         small = np.asarray(kernels.grouped_matmul(x, one, w[:, :, start : start + 140]))
         assert np.array_equal(large[:, start : start + 140], small), start
+
+
+# The delta rule's decode step. dv = 83: a 64-column block, a single vector and scalar columns (AVX-512 and AVX2
+# alike); dk = 40.
+HEADS, DK, DV = 4, 40, 83
+
+
+def delta_operands(rows: int, heads: int = HEADS, dk: int = DK, dv: int = DV, seed: int = 7):
+    """One decode step's fp32 operands as the DeltaNet makes them: q, k l2-normalised (q scaled by dk**-0.5)."""
+    rng = np.random.default_rng(seed)
+
+    def unit(shape):
+        x = rng.normal(size=shape)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    q = unit((rows, 1, heads, dk)) * dk**-0.5
+    k = unit((rows, 1, heads, dk))
+    v = rng.normal(size=(rows, 1, heads, dv))
+    g = -rng.uniform(0.0, 2.0, (rows, 1, heads))
+    beta = rng.uniform(0.0, 1.0, (rows, 1, heads))
+    state = rng.normal(0.0, 0.5, (rows, heads, dk, dv))
+    return tuple(jnp.asarray(a, jnp.float32) for a in (q, k, v, g, beta, state))
+
+
+def delta_reference(q, k, v, g, beta, state):
+    """float64 numpy of one step, from the same fp32 operands (decay = exp(g) in float64)."""
+    q, k, v, g, beta, s = (np.asarray(a, np.float64) for a in (q, k, v, g, beta, state))
+    q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]
+    s = s * np.exp(g)[..., None, None]
+    delta = (v - np.einsum("bhkv,bhk->bhv", s, k)) * beta[..., None]
+    s = s + k[..., :, None] * delta[..., None, :]
+    return np.einsum("bhkv,bhk->bhv", s, q)[:, None], s
+
+
+def test_delta_rule_step_equals_the_float64_reference_and_xlas_step():
+    """Five steps in sequence, each from the previous state: the kernel within fp32 rounding of a float64 step (from
+    the same fp32 operands), and of XLA's ``delta_rule_step``."""
+    from qwen_jax.delta_rule import delta_rule_step
+
+    q, k, v, g, beta, state = delta_operands(3)
+    xla_state = state
+    step = jax.jit(kernels.delta_rule_step)
+    for t in range(5):
+        q, k, v, g, beta, _ = delta_operands(3, seed=100 + t)
+        out, new_state = step(q, k, v, g, beta, state)
+        ref_out, ref_state = delta_reference(q, k, v, g, beta, state)
+        assert out.dtype == new_state.dtype == jnp.float32 and out.shape == (3, 1, HEADS, DV)
+        np.testing.assert_allclose(np.asarray(out), ref_out, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(new_state), ref_state, rtol=1e-6, atol=1e-6)
+        xla_out, xla_state = delta_rule_step(q, k, v, g, beta, xla_state)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(xla_out), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(new_state), np.asarray(xla_state), rtol=1e-6, atol=1e-6)
+        state = new_state
+
+
+@pytest.mark.parametrize(("heads", "dk", "dv"), [(HEADS, DK, DV), (8, 64, 64), (2, 128, 128)])
+def test_a_delta_rule_rows_bits_do_not_depend_on_the_batch(heads, dk, dv):
+    """A row's output and state are the same bits alone, in the first 2 or 3 rows, and among 17 (a call large enough
+    to be shared over the pool's threads: which thread computes a head changes no bit), for two steps."""
+    rows = 17
+    q, k, v, g, beta, state = delta_operands(rows, heads, dk, dv)
+    step = jax.jit(kernels.delta_rule_step)
+    full_out, full_state = step(q, k, v, g, beta, state)
+    full_out, full_state = step(q, k, v, g, beta, full_state)
+    full_out, full_state = np.asarray(full_out), np.asarray(full_state)
+    for part in [slice(0, 2), slice(0, 3), *(slice(r, r + 1) for r in (0, 5, 16))]:
+        args = [a[part] for a in (q, k, v, g, beta)]
+        out, new_state = step(*args, state[part])
+        out, new_state = step(*args, new_state)
+        assert np.array_equal(np.asarray(out), full_out[part]), part
+        assert np.array_equal(np.asarray(new_state), full_state[part]), part
+
+
+def test_delta_rule_step_bad_shapes_and_dtypes_are_one_clear_error():
+    q, k, v, g, beta, state = delta_operands(2)
+    for bad in (
+        (q[:, :, :, :-1], k, v, g, beta, state),
+        (q, k, v[:, :, :-1], g, beta, state),
+        (q, k, v, g[:, 0], beta, state),
+        (q, k, v, g, beta, state[..., :-1]),
+        (q, k, v, g, beta, state[0]),
+        (q, k, v, g, beta.astype(jnp.bfloat16), state),
+    ):
+        with pytest.raises(ValueError, match="delta_rule_step: expected fp32"):
+            kernels.delta_rule_step(*bad)
+
+
+def test_an_invariant_decode_step_runs_the_delta_rule_in_the_kernel(tiny_checkpoints, monkeypatch):
+    """In the batch-invariant mode a decode step's DeltaNet runs the kernel on all rows at once: the program has its
+    custom call and no longer the per-row loop (no value of one row's [1, H, dk, dv] state); the default mode's
+    decode step and the kernels switched off keep XLA's step."""
+    import qwen_jax
+    from qwen_jax.generate import _prefill, decode_step
+
+    model = qwen_jax.load_hf(str(tiny_checkpoints("dk_ne_dv")), "float32")
+    cfg = model.cfg
+    graphdef, params = nnx.split(model)
+    ids = np.arange(1, 7, dtype=np.int32).reshape(3, 2)
+    _, cache = jax.eval_shape(
+        lambda p: _prefill(graphdef, p, ids, np.ones_like(ids), 8, "auto", True), params
+    )
+    per_row_state = f"[1,{cfg.linear_num_value_heads},{cfg.linear_key_head_dim},{cfg.linear_value_head_dim}]"
+
+    def program(invariant: bool) -> str:
+        with batch_invariant_mode(invariant):
+            step = jax.make_jaxpr(lambda p, t, c: decode_step(nnx.merge(graphdef, p), t, c))
+            return str(step(params, ids[:, 0], cache)).replace(" ", "")
+
+    def one_rows_state(text: str) -> list[str]:  # the per-row step's values on one row's state
+        return [line for line in text.splitlines() if f"f32{per_row_state}" in line]
+
+    invariant = program(True)
+    assert "qwen_jax_delta_rule_step" in invariant
+    assert not one_rows_state(invariant)
+    assert "qwen_jax_delta_rule_step" not in program(False)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    switched_off = program(True)
+    assert "qwen_jax_delta_rule_step" not in switched_off and one_rows_state(switched_off)

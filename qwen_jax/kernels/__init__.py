@@ -1,4 +1,5 @@
-"""Native CPU kernels, called from JAX as XLA FFI custom calls: a grouped matmul for decode steps and prefills.
+"""Native CPU kernels, called from JAX as XLA FFI custom calls: a grouped matmul for decode steps and prefills, and
+the delta rule's one-token step for the batch-invariant mode's decode steps.
 
 XLA:CPU copies an expert's weights out of the stacked [E, in, out] tensor before a dot can read them (a dynamic
 slice, a static slice or a gather alike), and in a decode step those copies cost more than the matmuls.
@@ -9,10 +10,18 @@ A call's work (experts x column chunks) is shared with a persistent pool of work
 which thread computes an element changes none of its bits. In the batch-invariant mode a decode step's dense
 products (``ops.dense``: projections, lm_head) run through it too, all rows at once.
 
-The source is compiled on first use with the C++ compiler (``$CXX``, else ``g++``) into a shared library cached
+:func:`delta_rule_step` (``delta_rule.cc``) is the Gated DeltaNet's one-token update in the batch-invariant mode's
+decode steps, all rows at once, instead of XLA's per-row loop: each (row, head) by the same chains of fused
+multiply-adds over the key dimension in order (batch-invariant by construction), heads shared over the same pool,
+the state updated in place (its buffer aliased: the decode loop's donated cache is not copied). Measured under
+load at batch 16 on the bench config (8 heads of 64 x 64, one layer): 0.10 ms against 0.73-0.87 ms for the per-row
+loop; at 32 heads of 128 x 128, 1.5-1.7 ms against 27 ms; the invariant decode loop 26.9 ms a step against 32.0.
+
+The sources are compiled on first use with the C++ compiler (``$CXX``, else ``g++``) into one shared library cached
 under ``$QWEN_JAX_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/qwen_jax/kernels`` or ``~/.cache/qwen_jax/kernels``),
-named by a hash of the source, the flags, the compiler, jaxlib's version and the CPU (``-march=native`` code runs
-only where it was built). A build is written to a temporary file and renamed, so concurrent processes can race.
+named by a hash of the sources and headers, the flags, the compiler, jaxlib's version and the CPU
+(``-march=native`` code runs only where it was built). A build is written to a temporary file and renamed, so
+concurrent processes can race.
 A prefill (``qwen_jax.generate``'s, traced in :func:`prefill_mode`: a program never differentiated) may use
 them too (:func:`for_prefill`); a forward keeps XLA's differentiable paths. ``QWEN_JAX_CPU_KERNELS=0`` switches
 the kernels off; without a compiler, or if the build fails, the callers keep their XLA path and one warning says
@@ -45,9 +54,14 @@ ENV_SWITCH = "QWEN_JAX_CPU_KERNELS"
 #: Where the built libraries go (default: the user's cache directory).
 ENV_CACHE = "QWEN_JAX_KERNEL_CACHE"
 
-SOURCE = Path(__file__).with_name("grouped_matmul.cc")
+_HERE = Path(__file__).parent
+#: The library's sources, compiled together into one shared library, and the headers they include.
+SOURCES = (_HERE / "grouped_matmul.cc", _HERE / "delta_rule.cc")
+HEADERS = (_HERE / "pool.h",)
 TARGET = "qwen_jax_grouped_matmul"
-SYMBOL = "QwenGroupedMatmul"
+DELTA_RULE_TARGET = "qwen_jax_delta_rule_step"
+#: XLA FFI target -> the handler's symbol in the library.
+TARGETS = {TARGET: "QwenGroupedMatmul", DELTA_RULE_TARGET: "QwenDeltaRuleStep"}
 #: No -ffast-math: the kernel's sums must keep their order. -ffp-contract=off: every fused multiply-add is written.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-w")
 
@@ -79,22 +93,23 @@ def _compiler() -> str | None:
 
 
 def library_path(compiler: str) -> Path:
-    """The cached library for this source, these flags, this compiler, this jaxlib and this CPU."""
+    """The cached library for these sources and headers, these flags, this compiler, this jaxlib and this CPU."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), *(v.encode() for v in version)):
+    files = (f.read_bytes() for f in (*SOURCES, *HEADERS))
+    for part in (*files, " ".join(FLAGS).encode(), *(v.encode() for v in version)):
         key.update(part + b"\0")
     key.update(f"{jaxlib.__version__}\0{platform.machine()}\0{_cpu_fingerprint()}".encode())
-    return cache_dir() / f"grouped_matmul-{key.hexdigest()[:20]}.so"
+    return cache_dir() / f"kernels-{key.hexdigest()[:20]}.so"
 
 
 def build(compiler: str, path: Path) -> Path:
-    """Compiles the source into ``path`` (a temporary file in the same directory, renamed once complete)."""
+    """Compiles the sources into ``path`` (a temporary file in the same directory, renamed once complete)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=path.parent)
     os.close(fd)
     try:
-        command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -108,7 +123,7 @@ def build(compiler: str, path: Path) -> Path:
 
 @functools.cache
 def _registered() -> bool:
-    """Builds (or finds) the library and registers its handler with XLA once per process; False if it cannot."""
+    """Builds (or finds) the library and registers its handlers with XLA once per process; False if it cannot."""
     compiler = _compiler()
     if compiler is None:
         warnings.warn(
@@ -122,7 +137,8 @@ def _registered() -> bool:
         if not path.exists():
             build(compiler, path)
         library = ctypes.cdll.LoadLibrary(str(path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, SYMBOL)), platform="cpu")
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
         warnings.warn(
             f"qwen_jax: the CPU expert kernel is unavailable ({error}): using XLA's path "
@@ -134,7 +150,7 @@ def _registered() -> bool:
 
 
 def enabled() -> bool:
-    """Whether :func:`grouped_matmul` may be used now: the CPU backend, switched on, and the library built."""
+    """Whether the kernels may be used now: the CPU backend, switched on, and the library built."""
     return jax.default_backend() == "cpu" and switched_on() and _registered()
 
 
@@ -175,3 +191,34 @@ def grouped_matmul(x: jax.Array, group_sizes: jax.Array, weights: jax.Array) -> 
         )
     out = jax.ShapeDtypeStruct((x.shape[0], weights.shape[2]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out)(x, group_sizes.astype(jnp.int32), weights)
+
+
+def delta_rule_step(q, k, v, g, beta, state):
+    """:func:`qwen_jax.delta_rule.delta_rule_step` (same signature: q, k [B, 1, H, dk], v [B, 1, H, dv], g and beta
+    [B, 1, H], state [B, H, dk, dv], all fp32; returns out [B, 1, H, dv] and the new state) in the native kernel
+    (``delta_rule.cc``): each (row, head) by the same fixed loops whatever the batch; the state is updated in place
+    (its buffer aliased to the new state's). decay = exp(g) is XLA's. Not differentiable (decode steps only). Call
+    only where :func:`enabled` is true."""
+    operands = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "state": state}
+    b, h, dk, dv = state.shape if state.ndim == 4 else (None,) * 4
+    expected = {
+        "q": (b, 1, h, dk),
+        "k": (b, 1, h, dk),
+        "v": (b, 1, h, dv),
+        "g": (b, 1, h),
+        "beta": (b, 1, h),
+        "state": (b, h, dk, dv),
+    }
+    if b is None or any(a.shape != expected[name] or a.dtype != jnp.float32 for name, a in operands.items()):
+        shapes = ", ".join(f"{name} {a.shape} {a.dtype}" for name, a in operands.items())
+        raise ValueError(
+            f"delta_rule_step: expected fp32 q, k [B, 1, H, dk], v [B, 1, H, dv], g, beta [B, 1, H] and state "
+            f"[B, H, dk, dv]; got {shapes}"
+        )
+    out_shapes = (
+        jax.ShapeDtypeStruct((b, h, dv), jnp.float32),
+        jax.ShapeDtypeStruct(state.shape, jnp.float32),
+    )
+    call = jax.ffi.ffi_call(DELTA_RULE_TARGET, out_shapes, input_output_aliases={5: 1})
+    out, state = call(q[:, 0], k[:, 0], v[:, 0], jnp.exp(g[:, 0]), beta[:, 0], state)
+    return out[:, None], state
