@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwen_jax import kernels
 from qwen_jax.cache import KVCache, TokenContext
 from qwen_jax.config import ModelConfig
 from qwen_jax.invariance import batch_invariant, isolated, opaque_map, zero_padded
@@ -269,7 +270,9 @@ class GatedAttention(nnx.Module):
 
         A forward attends blockwise to the call's own keys, a prefill (or one segment of a long one) blockwise to the
         cache's keys up to its own; a decode step attends to the whole cache.
-        In the batch-invariant mode both go through :func:`invariant_attend`, and padded keys are zeroed.
+        In the batch-invariant mode both go through :func:`invariant_attend`, and padded keys are zeroed; a CPU decode
+        step there goes through the native kernel (``kernels.decode_attention``: every row by the same loops, one
+        query over its row's keys, where :func:`invariant_attend` maps rows and key blocks in XLA).
         """
         q, k, v, gate = self.project_qkv(x, context.cos, context.sin)
         invariant = batch_invariant()
@@ -277,7 +280,9 @@ class GatedAttention(nnx.Module):
             k, v = zero_padded((k, v), context.attention_mask)
         if cache is not None:
             cache = write_cache(cache, k, v, context.cache_start)
-        if invariant and context.decoding:
+        if invariant and context.decoding and kernels.for_decode_step():
+            attn = kernels.decode_attention(q, *cache, context.key_mask, context.cache_start)
+        elif invariant and context.decoding:
             attn = invariant_attend(q, *cache, context.key_mask, context.cache_start[:, None], 1)
         elif invariant:
             length = x.shape[1]

@@ -9,15 +9,18 @@ sum over a row's features runs on a fixed shape:
 
 - per-token work (the dense projections, lm_head, the norms, the router) runs on tiles of :data:`ROW_TILE` rows
   (:func:`map_row_tiles`): one fixed-shape program applied tile after tile, whatever the number of rows; in a
-  CPU decode step the dense projections and lm_head (``qwen_jax.ops.dense``) run in the native kernel instead,
-  all rows at once (invariant by construction);
+  CPU decode step the dense products (``qwen_jax.ops.dense``: projections, lm_head, the router, the shared
+  expert) run in the native kernel instead, all rows at once (invariant by construction), and only the per-row
+  reductions (norms, softmax, the slot sum) on tiles;
 - the routed experts run on blocks of one expert (``qwen_jax.moe.blocked_expert_ffn``) of :data:`ROW_TILE` rows
   in a forward or prefill and of ``qwen_jax.moe.DECODE_EXPERT_BLOCK`` in a decode step (:func:`decode_step_mode`),
   whatever the row count (the default mode switches to per-row gathers for a few rows); a decode step on the CPU
   runs them in the native grouped matmul instead (``qwen_jax.kernels``), invariant by construction;
 - attention runs one row at a time, on blocks of queries over fixed-size key blocks, where a fully masked block
   leaves the softmax statistics bit for bit unchanged (:func:`qwen_jax.attention.invariant_attend`), so neither
-  the padded length nor the cache length changes a result;
+  the padded length nor the cache length changes a result; a CPU decode step's one query per row runs in the
+  native kernel instead (``qwen_jax.kernels.decode_attention``: each row's keys up to its own slot, by the same
+  loops whatever the batch or the cache length);
 - rows are right-padded, so the DeltaNet's 64-token chunks start at the same tokens in every row and in every
   bucket; padded positions are zeroed before the delta rule, so they leave its state unchanged, and each row's
   conv history is taken at its own length. The delta rule runs one row at a time (:func:`map_rows`): its small

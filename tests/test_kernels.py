@@ -406,3 +406,110 @@ def test_an_invariant_decode_step_runs_the_delta_rule_in_the_kernel(tiny_checkpo
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     switched_off = program(True)
     assert "qwen_jax_delta_rule_step" not in switched_off and one_rows_state(switched_off)
+
+
+def attention_operands(
+    rows: int, dtype, length: int = 300, q_heads: int = 8, kv_heads: int = 2, dim: int = 72
+):
+    """One query per row over ``length`` cached keys (dim 72: whole vectors and a partial one on any ISA), about a
+    tenth of the keys not real, and each row at its own slot (the first key, a block edge, the last slot)."""
+    rng = np.random.default_rng(rows)
+    q = jnp.asarray(rng.normal(size=(rows, 1, q_heads, dim)), dtype)
+    keys, values = (jnp.asarray(rng.normal(size=(rows, length, kv_heads, dim)), dtype) for _ in range(2))
+    key_mask = jnp.asarray(rng.random((rows, length)) > 0.1, jnp.int32)
+    slots = jnp.asarray(np.resize([0, 17, 255, 256, length - 1], rows), jnp.int32)
+    return q, keys, values, key_mask, slots
+
+
+def attention_reference(q, keys, values, key_mask, slots) -> np.ndarray:
+    """float64 numpy softmax attention (no intermediate roundings) over each row's real keys at slots <= its own."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, keys, values))
+    rows, _, q_heads, dim = q.shape
+    group = q_heads // k.shape[2]
+    out = np.zeros((rows, 1, q_heads, dim))
+    for b in range(rows):
+        seen = (np.asarray(key_mask[b]) > 0) & (np.arange(k.shape[1]) <= int(slots[b]))
+        for h in range(q_heads):
+            scores = k[b, seen, h // group] @ q[b, 0, h] * dim**-0.5
+            probs = np.exp(scores - scores.max())
+            out[b, 0, h] = probs @ v[b, seen, h // group] / probs.sum()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_attention_equals_the_float64_reference_and_the_xla_path(dtype):
+    """Within fp32 rounding of float64 attention (bf16: within the scores' and probabilities' bf16 roundings, which
+    both the kernel and XLA's path make), and of XLA's invariant path (:func:`qwen_jax.attention.invariant_attend`)."""
+    from qwen_jax.attention import invariant_attend
+
+    operands = attention_operands(5, dtype)
+    out = np.asarray(jax.jit(kernels.decode_attention)(*operands), np.float64)
+    q, keys, values, key_mask, slots = operands
+    xla = np.asarray(invariant_attend(q, keys, values, key_mask, slots[:, None], 1), np.float64)
+    tolerance = 2e-6 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(out, attention_reference(*operands), rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(out, xla, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_decode_attention_rows_bits_do_not_depend_on_the_batch_or_the_cache_length(dtype):
+    """A row's output is the same bits alone, among the first 2 or 3 rows, among 17 (shared over the pool's threads),
+    and with its cache cut to its slot + 1 keys (the keys past its slot are not read)."""
+    rows = 17
+    q, keys, values, key_mask, slots = attention_operands(rows, dtype)
+    attend = jax.jit(kernels.decode_attention)
+    full = np.asarray(attend(q, keys, values, key_mask, slots), np.float32)
+    for part in [slice(0, 2), slice(0, 3), *(slice(r, r + 1) for r in (0, 2, 16))]:
+        out = attend(q[part], keys[part], values[part], key_mask[part], slots[part])
+        assert np.array_equal(np.asarray(out, np.float32), full[part]), part
+    for r in (1, 3):
+        cut = int(slots[r]) + 1
+        part = slice(r, r + 1)
+        out = attend(q[part], keys[part, :cut], values[part, :cut], key_mask[part, :cut], slots[part])
+        assert np.array_equal(np.asarray(out, np.float32), full[part]), r
+
+
+def test_a_decode_attention_query_that_sees_no_key_gets_zeros():
+    q, keys, values, key_mask, slots = attention_operands(2, jnp.float32)
+    out = kernels.decode_attention(q, keys, values, key_mask.at[0].set(0), slots)
+    assert np.array_equal(np.asarray(out[0]), np.zeros(out.shape[1:], np.float32))
+    assert np.all(np.isfinite(np.asarray(out[1]))) and np.any(np.asarray(out[1]) != 0)
+
+
+def test_decode_attention_bad_shapes_and_dtypes_are_one_clear_error():
+    q, keys, values, key_mask, slots = attention_operands(2, jnp.float32)
+    for bad in (
+        (q[:, :, :-1], keys, values, key_mask, slots),  # 7 query heads over 2 KV heads
+        (jnp.concatenate([q, q], axis=1), keys, values, key_mask, slots),  # two queries per row
+        (q, keys, values[:, :-1], key_mask, slots),
+        (q, keys, values, key_mask[:, :-1], slots),
+        (q, keys, values, key_mask, slots[:1]),
+        (q.astype(jnp.bfloat16), keys, values, key_mask, slots),
+        (q[..., :-1], keys, values, key_mask, slots),
+    ):
+        with pytest.raises(ValueError, match="decode_attention: expected"):
+            kernels.decode_attention(*bad)
+
+
+def test_an_invariant_decode_step_runs_attention_in_the_kernel(tiny_checkpoints, monkeypatch):
+    """In the batch-invariant mode a decode step's attention is the kernel's custom call; the default mode's decode
+    step and the kernels switched off keep XLA's paths."""
+    import qwen_jax
+    from qwen_jax.generate import _prefill, decode_step
+
+    model = qwen_jax.load_hf(str(tiny_checkpoints("dk_ne_dv")), "float32")
+    graphdef, params = nnx.split(model)
+    ids = np.arange(1, 7, dtype=np.int32).reshape(3, 2)
+    _, cache = jax.eval_shape(
+        lambda p: _prefill(graphdef, p, ids, np.ones_like(ids), 8, "auto", True), params
+    )
+
+    def program(invariant: bool) -> str:
+        with batch_invariant_mode(invariant):
+            step = jax.make_jaxpr(lambda p, t, c: decode_step(nnx.merge(graphdef, p), t, c))
+            return str(step(params, ids[:, 0], cache))
+
+    assert kernels.ATTENTION_TARGET in program(True)
+    assert kernels.ATTENTION_TARGET not in program(False)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert kernels.ATTENTION_TARGET not in program(True)

@@ -46,6 +46,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 from qwen_jax.invariance import in_decode_step, tracing_with
 
@@ -56,12 +57,17 @@ ENV_CACHE = "QWEN_JAX_KERNEL_CACHE"
 
 _HERE = Path(__file__).parent
 #: The library's sources, compiled together into one shared library, and the headers they include.
-SOURCES = (_HERE / "grouped_matmul.cc", _HERE / "delta_rule.cc")
+SOURCES = (_HERE / "grouped_matmul.cc", _HERE / "delta_rule.cc", _HERE / "attention.cc")
 HEADERS = (_HERE / "pool.h",)
 TARGET = "qwen_jax_grouped_matmul"
 DELTA_RULE_TARGET = "qwen_jax_delta_rule_step"
 #: XLA FFI target -> the handler's symbol in the library.
-TARGETS = {TARGET: "QwenGroupedMatmul", DELTA_RULE_TARGET: "QwenDeltaRuleStep"}
+ATTENTION_TARGET = "qwen_jax_decode_attention"
+TARGETS = {
+    TARGET: "QwenGroupedMatmul",
+    DELTA_RULE_TARGET: "QwenDeltaRuleStep",
+    ATTENTION_TARGET: "QwenDecodeAttention",
+}
 #: No -ffast-math: the kernel's sums must keep their order. -ffp-contract=off: every fused multiply-add is written.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-w")
 
@@ -222,3 +228,39 @@ def delta_rule_step(q, k, v, g, beta, state):
     call = jax.ffi.ffi_call(DELTA_RULE_TARGET, out_shapes, input_output_aliases={5: 1})
     out, state = call(q[:, 0], k[:, 0], v[:, 0], jnp.exp(g[:, 0]), beta[:, 0], state)
     return out[:, None], state
+
+
+def decode_attention(
+    q: jax.Array, keys: jax.Array, values: jax.Array, key_mask: jax.Array, slots: jax.Array
+) -> jax.Array:
+    """One decode step's attention (``attention.cc``): q [B, 1, Hq, D], one query per row at key slot ``slots``
+    [B]; keys and values [B, T, Hkv, D] (q, keys and values of one dtype, fp32 or bf16); key_mask [B, T], nonzero
+    for real keys. A query sees the real keys at slots <= its own; query head h reads KV head h // (Hq // Hkv).
+    Scores rounded as ``qwen_jax.attention._scores``, softmax in fp32, probabilities rounded to the values' dtype,
+    accumulated in fp32; returns [B, 1, Hq, D] in the values' dtype. Each row by the same loops whatever the batch
+    or the cache length. Not differentiable (decode steps only). Call only where :func:`enabled` is true."""
+    b, length, n_q, d = q.shape
+    n_kv = keys.shape[2]
+    if (
+        length != 1
+        or keys.ndim != 4
+        or keys.shape != values.shape
+        or keys.shape[0] != b
+        or keys.shape[3] != d
+        or n_q % n_kv
+        or key_mask.shape != keys.shape[:2]
+        or slots.shape != (b,)
+        or not q.dtype == keys.dtype == values.dtype
+        or q.dtype not in (jnp.float32, jnp.bfloat16)
+    ):
+        raise ValueError(
+            f"decode_attention: expected q [B, 1, Hq, D], keys and values [B, T, Hkv, D] of q's dtype (fp32 or "
+            f"bf16), key_mask [B, T], slots [B]; got q {q.shape} {q.dtype}, keys {keys.shape} {keys.dtype}, "
+            f"values {values.shape} {values.dtype}, key_mask {key_mask.shape}, slots {slots.shape}"
+        )
+    grouped = q.reshape(b, n_kv, n_q // n_kv, d)
+    out = jax.ShapeDtypeStruct(grouped.shape, jnp.float32)
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, out)
+    scale = np.float32(d**-0.5)
+    attn = call(grouped, keys, values, key_mask.astype(jnp.int32), slots.astype(jnp.int32), scale=scale)
+    return attn.astype(values.dtype).reshape(q.shape)
