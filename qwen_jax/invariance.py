@@ -38,7 +38,9 @@ Status (tests/test_batch_invariance.py): forward logits and hidden states, greed
 bitwise invariant in fp32 and bf16, on one device and on ``ep`` meshes. What fp32 decoding needed: a map over a
 single entry (one row, or one tile) keeps its loop body in the loop (:func:`opaque_map`'s spare entry); hoisted
 out and fused with its producers, XLA:CPU summed the DeltaNet's l2 norm in another order (a reassociated vector
-reduction along the key dimension instead of a sum per row).
+reduction along the key dimension instead of a sum per row). A tile's work must not end in a multiply whose add
+comes after it in the same fusion: LLVM may contract the two into one fused multiply-add, or not, by how it vectorises
+the loop body, which depends on the number of tiles (the MoE's shared-expert add: ``qwen_jax.moe.SparseMoe.combine``).
 """
 
 from __future__ import annotations

@@ -444,19 +444,37 @@ class SparseMoe(nnx.Module):
         """The weighted slot outputs plus the shared expert's, per token. In the batch-invariant mode on row tiles:
         otherwise XLA fuses the slot sum with whatever produced the outputs (an expert-parallel psum, or not), and
         rounds it differently (measured: 3e-8 per layer). The shared expert's products run in the tiles too, except
-        where :func:`kernel_products_whole` (then before them, on all rows)."""
-        if batch_invariant():
-            shared = self.shared_expert(x) if kernel_products_whole() else None
+        where :func:`kernel_products_whole` (then before them, on all rows, and added in the tiles).
+
+        In the tiles the shared expert's output (a gate times a product) is added after the map, on all rows: XLA:CPU
+        lets LLVM contract a multiply and the add that follows into one fused multiply-add, and whether it does
+        depends on how the fusion is vectorised, which changed with the number of tiles the loop writes into (a
+        16-row tile's combine, the same inputs: 1-2 tiles vectorised, 3 or more scalar, 1.5e-8 apart; a 1-token
+        prompt's fp32 logits 2.4e-6 off the same prompt in a batch, dk_ne_dv). After the map the add reads two
+        rounded values: nothing to contract."""
+        if batch_invariant() and kernel_products_whole():
             return map_row_tiles(
-                lambda rows, out, weights, experts, *shared: self.combine_with(
-                    rows, out, Routing(weights, experts, None), *shared
+                lambda rows, out, weights, experts, shared: self.combine_with(
+                    rows, out, Routing(weights, experts, None), shared
                 ),
                 x,
                 outputs,
                 routing.weights,
                 routing.experts,
-                *(() if shared is None else (shared,)),
+                self.shared_expert(x),
             )
+        if batch_invariant():
+            routed, shared = map_row_tiles(
+                lambda rows, out, weights, experts: (
+                    combine_slots(out, Routing(weights, experts, None)),
+                    self.shared_expert(rows),
+                ),
+                x,
+                outputs,
+                routing.weights,
+                routing.experts,
+            )
+            return (routed + shared).astype(x.dtype)
         return self.combine_with(x, outputs, routing)
 
     def combine_with(
