@@ -58,7 +58,7 @@ ENV_CACHE = "QWEN_JAX_KERNEL_CACHE"
 _HERE = Path(__file__).parent
 #: The library's sources, compiled together into one shared library, and the headers they include.
 SOURCES = (_HERE / "grouped_matmul.cc", _HERE / "delta_rule.cc", _HERE / "attention.cc")
-HEADERS = (_HERE / "pool.h",)
+HEADERS = (_HERE / "pool.h", _HERE / "simd.h")
 TARGET = "qwen_jax_grouped_matmul"
 DELTA_RULE_TARGET = "qwen_jax_delta_rule_step"
 #: XLA FFI target -> the handler's symbol in the library.

@@ -25,28 +25,15 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
-
 #include "pool.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
+// Inside the namespace of simd.h and pool.h: their names (fma, load, Pool, ...) come before the C library's.
+namespace qwen_kernels {
 namespace {
-
-using qwen_kernels::kMaxItems;
-using qwen_kernels::Pool;
-using bf16 = uint16_t;
-
-inline float to_f32(float v) { return v; }
-inline float to_f32(bf16 v) {
-  uint32_t bits = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 // X(): rounds an fp32 value to the element type T (round to nearest even, as XLA's and torch's conversions), back
 // in fp32. The identity for fp32.
@@ -63,46 +50,18 @@ inline float rounded(float v, bf16) {
 
 constexpr int kChains = 16;  // partial chains of a dot product
 
-// q . k over D elements as kChains partial chains added pairwise (see the header).
+// q . k over D elements as kChains partial chains added pairwise (see the header): chain j in lane j of
+// kChains / kWidth vectors.
 template <typename T>
 float dot(const float* q, const T* k, int64_t D) {
-  float partial[kChains] = {};
+  constexpr int kVecs = kChains / kWidth;
+  Vec acc[kVecs];
+  for (int c = 0; c < kVecs; ++c) acc[c] = zero();
   int64_t d = 0;
-#if defined(__AVX512F__)
-  if constexpr (sizeof(T) == 4) {
-    __m512 acc = _mm512_setzero_ps();
-    for (; d + kChains <= D; d += kChains) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
-    _mm512_storeu_ps(partial, acc);
-  } else {
-    __m512 acc = _mm512_setzero_ps();
-    for (; d + kChains <= D; d += kChains) {
-      __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + d));
-      __m512 kv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), kv, acc);
-    }
-    _mm512_storeu_ps(partial, acc);
-  }
-#elif defined(__AVX2__) && defined(__FMA__)
-  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-  for (; d + kChains <= D; d += kChains) {
-    __m256 k0, k1;
-    if constexpr (sizeof(T) == 4) {
-      k0 = _mm256_loadu_ps(reinterpret_cast<const float*>(k + d));
-      k1 = _mm256_loadu_ps(reinterpret_cast<const float*>(k + d + 8));
-    } else {
-      auto widen = [](const T* p) {
-        __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-      };
-      k0 = widen(k + d);
-      k1 = widen(k + d + 8);
-    }
-    lo = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), k0, lo);
-    hi = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), k1, hi);
-  }
-  _mm256_storeu_ps(partial, lo);
-  _mm256_storeu_ps(partial + 8, hi);
-#endif
+  for (; d + kChains <= D; d += kChains)
+    for (int c = 0; c < kVecs; ++c) acc[c] = fma(load(q + d + c * kWidth), load(k + d + c * kWidth), acc[c]);
+  float partial[kChains];
+  for (int c = 0; c < kVecs; ++c) store(partial + c * kWidth, acc[c]);
   for (; d < D; ++d) partial[d % kChains] = std::fmaf(q[d], to_f32(k[d]), partial[d % kChains]);
   for (int width = kChains / 2; width >= 1; width /= 2)
     for (int j = 0; j < width; ++j) partial[j] = partial[j] + partial[j + width];
@@ -112,32 +71,9 @@ float dot(const float* q, const T* k, int64_t D) {
 // out[0:D] = fma(p, v[0:D], out[0:D]): one step of each element's chain over the keys.
 template <typename T>
 void accumulate(float p, const T* v, float* out, int64_t D) {
+  const Vec pv = broadcast(p);
   int64_t d = 0;
-#if defined(__AVX512F__)
-  const __m512 pv = _mm512_set1_ps(p);
-  for (; d + 16 <= D; d += 16) {
-    __m512 vv;
-    if constexpr (sizeof(T) == 4) {
-      vv = _mm512_loadu_ps(reinterpret_cast<const float*>(v + d));
-    } else {
-      __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + d));
-      vv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    _mm512_storeu_ps(out + d, _mm512_fmadd_ps(pv, vv, _mm512_loadu_ps(out + d)));
-  }
-#elif defined(__AVX2__) && defined(__FMA__)
-  const __m256 pv = _mm256_set1_ps(p);
-  for (; d + 8 <= D; d += 8) {
-    __m256 vv;
-    if constexpr (sizeof(T) == 4) {
-      vv = _mm256_loadu_ps(reinterpret_cast<const float*>(v + d));
-    } else {
-      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + d));
-      vv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-    _mm256_storeu_ps(out + d, _mm256_fmadd_ps(pv, vv, _mm256_loadu_ps(out + d)));
-  }
-#endif
+  for (; d + kWidth <= D; d += kWidth) store(out + d, fma(pv, load(v + d), load(out + d)));
   for (; d < D; ++d) out[d] = std::fmaf(p, to_f32(v[d]), out[d]);
 }
 
@@ -160,7 +96,7 @@ struct Job {
     for (int64_t i = 0; i < G * D; ++i) query[i] = to_f32(qh[i]);
     float* out_h = out + (b * Hkv + h) * G * D;
     std::fill(out_h, out_h + G * D, 0.0f);
-    const T zero{};
+    const T tag{};  // selects rounded()'s overload
     std::vector<float> max(G, -std::numeric_limits<float>::infinity()), sum(G, 0.0f);
     bool any = false;
     for (int64_t t = 0; t <= last; ++t) {
@@ -168,7 +104,7 @@ struct Job {
       any = true;
       const T* kt = k + (b * T_ + t) * Hkv * D + h * D;
       for (int64_t g = 0; g < G; ++g) {
-        const float s = rounded(rounded(dot(query.data() + g * D, kt, D), zero) * scale, zero);
+        const float s = rounded(rounded(dot(query.data() + g * D, kt, D), tag) * scale, tag);
         scores[t * G + g] = s;
         max[g] = std::max(max[g], s);
       }
@@ -185,7 +121,7 @@ struct Job {
     for (int64_t t = 0; t <= last; ++t) {
       if (key_mask[b * T_ + t] <= 0) continue;
       const T* vt = v + (b * T_ + t) * Hkv * D + h * D;
-      for (int64_t g = 0; g < G; ++g) accumulate(rounded(scores[t * G + g] / sum[g], zero), vt, out_h + g * D, D);
+      for (int64_t g = 0; g < G; ++g) accumulate(rounded(scores[t * G + g] / sum[g], tag), vt, out_h + g * D, D);
     }
   }
   static void run(const void* self, int64_t item) { static_cast<const Job*>(self)->pair(item); }
@@ -233,8 +169,9 @@ ffi::Error DecodeAttentionImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffe
 }
 
 }  // namespace
+}  // namespace qwen_kernels
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(QwenDecodeAttention, DecodeAttentionImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QwenDecodeAttention, qwen_kernels::DecodeAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

@@ -17,51 +17,16 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
-
 #include "pool.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
+// Inside the namespace of simd.h and pool.h: their names (fma, load, Pool, ...) come before the C library's.
+namespace qwen_kernels {
 namespace {
 
-using qwen_kernels::kMaxItems;
-using qwen_kernels::Pool;
-
-#if defined(__AVX512F__)
-constexpr int kWidth = 16;
-using Vec = __m512;
-inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec broadcast(float a) { return _mm512_set1_ps(a); }
-inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
-inline Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec zero() { return _mm512_setzero_ps(); }
-inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int kWidth = 8;
-using Vec = __m256;
-inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec broadcast(float a) { return _mm256_set1_ps(a); }
-inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
-inline Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vec zero() { return _mm256_setzero_ps(); }
-inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-#else
-constexpr int kWidth = 1;
-using Vec = float;
-inline Vec load(const float* p) { return *p; }
-inline Vec broadcast(float a) { return a; }
-inline Vec mul(Vec a, Vec b) { return a * b; }
-inline Vec sub(Vec a, Vec b) { return a - b; }
-inline Vec fma(Vec a, Vec b, Vec c) { return std::fmaf(a, b, c); }
-inline Vec zero() { return 0.0f; }
-inline void store(float* p, Vec v) { *p = v; }
-#endif
 
 // Vectors of columns per block: 64 columns with AVX-512 or AVX2, in registers (kv, delta and out accumulators).
 constexpr int kVecs = 64 / kWidth < 1 ? 1 : 64 / kWidth;
@@ -178,8 +143,9 @@ ffi::Error DeltaRuleStepImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
 }
 
 }  // namespace
+}  // namespace qwen_kernels
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(QwenDeltaRuleStep, DeltaRuleStepImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QwenDeltaRuleStep, qwen_kernels::DeltaRuleStepImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -15,63 +15,15 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
-
 #include "pool.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using qwen_kernels::kMaxItems;
-using qwen_kernels::Pool;
 
+// Inside the namespace of simd.h and pool.h: their names (fma, load, Pool, ...) come before the C library's.
+namespace qwen_kernels {
 namespace {
-
-using bf16 = uint16_t;
-
-inline float to_f32(float v) { return v; }
-inline float to_f32(bf16 v) {
-  uint32_t bits = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-#if defined(__AVX512F__)
-constexpr int kWidth = 16;
-using Vec = __m512;
-inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec load(const bf16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline Vec broadcast(float a) { return _mm512_set1_ps(a); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec zero() { return _mm512_setzero_ps(); }
-inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int kWidth = 8;
-using Vec = __m256;
-inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec load(const bf16* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline Vec broadcast(float a) { return _mm256_set1_ps(a); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vec zero() { return _mm256_setzero_ps(); }
-inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-#else
-constexpr int kWidth = 1;
-using Vec = float;
-inline Vec load(const float* p) { return *p; }
-inline Vec load(const bf16* p) { return to_f32(*p); }
-inline Vec broadcast(float a) { return a; }
-inline Vec fma(Vec a, Vec b, Vec c) { return std::fmaf(a, b, c); }
-inline Vec zero() { return 0.0f; }
-inline void store(float* p, Vec v) { *p = v; }
-#endif
 
 // Tiling (none of it changes a sum's order). Measured on a 2-core AVX-512 Xeon: the bench config at 4 and 64 rows,
 // and a real-width prefill's experts (4096 rows over 256 experts, K x N = 2048 x 1024 in fp32, one thread, under
@@ -253,8 +205,9 @@ ffi::Error GroupedMatmulImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> group_sizes
 }
 
 }  // namespace
+}  // namespace qwen_kernels
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(QwenGroupedMatmul, GroupedMatmulImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QwenGroupedMatmul, qwen_kernels::GroupedMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
