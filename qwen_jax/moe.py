@@ -475,13 +475,12 @@ class SparseMoe(nnx.Module):
                 routing.experts,
             )
             return (routed + shared).astype(x.dtype)
-        return self.combine_with(x, outputs, routing)
+        return self.combine_with(x, outputs, routing, self.shared_expert(x))
 
     def combine_with(
-        self, x: jax.Array, outputs: jax.Array, routing: Routing, shared: jax.Array | None = None
+        self, x: jax.Array, outputs: jax.Array, routing: Routing, shared: jax.Array
     ) -> jax.Array:
-        """:meth:`combine` on one set of rows, with the shared expert's output ``shared`` if already computed."""
-        shared = self.shared_expert(x) if shared is None else shared
+        """:meth:`combine` on one set of rows, given the shared expert's output ``shared``."""
         return (combine_slots(outputs, routing) + shared).astype(x.dtype)
 
     def expert_outputs(self, x: jax.Array, experts: jax.Array, backend: str = "auto") -> jax.Array:
